@@ -1,0 +1,207 @@
+"""Checkpoint IO: safetensors only (never pickle), single or sharded, bf16/f16/f32 or block-FP8.
+
+CheckpointReader hands out one tensor (or one row range) at a time, dequantised to the dtype asked for,
+so callers stream and never hold the checkpoint in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+SCALE_SUFFIX = ".weight_scale_inv"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
+                            "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked; the message names the file, tensor and the mismatch."""
+
+
+def _check_safetensors_file(path: Path) -> dict:
+    """Parse the header and check the file holds every byte it promises (catches truncated downloads)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", head)
+        if 8 + header_len > size:
+            raise CheckpointError(f"{path}: truncated safetensors file: header needs {header_len} bytes, "
+                                  f"file has {size - 8}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file: tensors need {8 + header_len + end} bytes, "
+                              f"file has {size}")
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, stop = info["data_offsets"]
+        expected = math.prod(info["shape"]) * _SAFETENSORS_DTYPE_BYTES.get(info["dtype"], 0)
+        if info["dtype"] in _SAFETENSORS_DTYPE_BYTES and stop - start != expected:
+            raise CheckpointError(f"{path}: tensor {name}: {stop - start} bytes for shape {info['shape']} "
+                                  f"{info['dtype']}; expected {expected}")
+    return header
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """w * scale_inv per block (Qwen/DeepSeek block FP8: scale_inv is a multiplier, despite its name).
+
+    Edge blocks that don't divide the shape use the same scale for their partial extent. The result is
+    built in one padded buffer and scaled in place, so peak memory is one output-sized tensor.
+    """
+    rows, cols = weight.shape
+    br, bc = block
+    nr, nc = math.ceil(rows / br), math.ceil(cols / bc)
+    if tuple(scale_inv.shape) != (nr, nc):
+        raise CheckpointError(f"scale_inv shape {tuple(scale_inv.shape)}; expected {(nr, nc)} for weight "
+                              f"{(rows, cols)} in {br}x{bc} blocks")
+    work = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    out = torch.empty(nr * br, nc * bc, dtype=work)
+    out[:rows, :cols] = weight
+    out.view(nr, br, nc, bc).mul_(scale_inv.to(work)[:, None, :, None])
+    out = out[:rows, :cols]
+    return out.to(dtype) if work != dtype else out
+
+
+def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse direction, as Qwen ships FP8: per-block scale = amax / 448, weight / scale as e4m3."""
+    rows, cols = weight.shape
+    br, bc = block
+    nr, nc = math.ceil(rows / br), math.ceil(cols / bc)
+    padded = torch.zeros(nr * br, nc * bc, dtype=torch.float32)
+    padded[:rows, :cols] = weight.float()
+    blocks = padded.view(nr, br, nc, bc)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / torch.finfo(torch.float8_e4m3fn).max, torch.ones_like(amax))
+    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).view(nr * br, nc * bc)[:rows, :cols]
+    return q.contiguous(), scale
+
+
+class CheckpointReader:
+    """Read-only view of a checkpoint folder: config.json plus safetensors weights."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise CheckpointError(f"{self.model_dir}: not a folder (expected a checkpoint folder with config.json)")
+        config_path = self.model_dir / "config.json"
+        try:
+            self.raw_config = json.loads(config_path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{config_path}: missing (expected a Qwen3 or SO8T config.json)") from None
+        self._location = self._index()  # tensor name -> file
+        self._headers = {path: _check_safetensors_file(path) for path in sorted(set(self._location.values()))}
+        quant = self.raw_config.get("quantization_config") or {}
+        self.fp8_block: tuple[int, int] | None = None
+        if quant.get("quant_method") == "fp8":
+            block = quant.get("weight_block_size") or [128, 128]
+            self.fp8_block = (int(block[0]), int(block[1]))
+        elif quant:
+            raise CheckpointError(f"{config_path}: quantization_config.quant_method = {quant.get('quant_method')!r}; "
+                                  "expected 'fp8' or no quantization_config")
+        self._handles: dict[Path, object] = {}
+
+    def _index(self) -> dict[str, Path]:
+        index_path = self.model_dir / INDEX_FILE
+        if index_path.exists():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise CheckpointError(f"{index_path}: not a safetensors index ({err!r})") from None
+            location = {name: self.model_dir / file for name, file in weight_map.items()}
+            for file in sorted(set(location.values())):
+                if not file.exists():
+                    raise CheckpointError(f"{index_path}: shard {file.name} is listed in weight_map but missing "
+                                          f"from {self.model_dir}")
+            return location
+        single = self.model_dir / SINGLE_FILE
+        if not single.exists():
+            found = sorted(p.name for p in self.model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+            hint = f" (found {', '.join(found)}: pickle checkpoints are never loaded)" if found else ""
+            raise CheckpointError(f"{self.model_dir}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+        header = _check_safetensors_file(single)
+        return {name: single for name in header if name != "__metadata__"}
+
+    # ------------------------------------------------------------------ listing
+    def names(self) -> list[str]:
+        """Logical tensor names: FP8 scales and activation scales are folded into their weights."""
+        return [n for n in self._location if not n.endswith(SCALE_SUFFIX) and not n.endswith(".activation_scale")]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._location
+
+    def info(self, name: str) -> dict:
+        """The safetensors header entry (dtype, shape) of a tensor, without reading it."""
+        return self._headers[self._file(name)][name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.info(name)["shape"])
+
+    def files(self) -> list[Path]:
+        return sorted(self._headers)
+
+    def _file(self, name: str) -> Path:
+        try:
+            return self._location[name]
+        except KeyError:
+            raise CheckpointError(f"{self.model_dir}: tensor {name} is missing from the checkpoint") from None
+
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            except Exception as err:  # safetensors raises its own error types
+                raise CheckpointError(f"{path}: cannot open safetensors file ({err})") from None
+        return self._handles[path]
+
+    # ------------------------------------------------------------------ reading
+    def read(self, name: str, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:
+        """One tensor (or a row range of it), FP8-dequantised, as dtype. Raw bytes are read once."""
+        path = self._file(name)
+        handle = self._handle(path)
+        try:
+            tensor = handle.get_slice(name)[rows] if rows is not None else handle.get_tensor(name)
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot read tensor {name} ({err})") from None
+        if tensor.dtype == torch.float8_e4m3fn:
+            scale_name = name.removesuffix(".weight") + SCALE_SUFFIX
+            if self.fp8_block is None or scale_name not in self._location:
+                raise CheckpointError(f"{path}: tensor {name} is float8_e4m3fn but has no {scale_name} "
+                                      "(expected quantization_config.quant_method = 'fp8' with block scales)")
+            scale = self._handle(self._file(scale_name)).get_tensor(scale_name)
+            if rows is not None:
+                start, stop, _ = rows.indices(self.shape(name)[0])
+                br = self.fp8_block[0]
+                scale = scale[start // br: math.ceil(stop / br)]
+                offset = start - (start // br) * br
+                full = dequantize_fp8(torch.cat([torch.zeros(offset, tensor.shape[1], dtype=tensor.dtype), tensor]),
+                                      scale, self.fp8_block, dtype)
+                return full[offset:]
+            try:
+                return dequantize_fp8(tensor, scale, self.fp8_block, dtype)
+            except CheckpointError as err:
+                raise CheckpointError(f"{path}: tensor {scale_name}: {err}") from None
+        return tensor.to(dtype)
+
+    def iter_rows(self, name: str, chunk_rows: int, dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
+        """Row chunks of a 2-D tensor, so a large embedding is never materialised whole in float32."""
+        total = self.shape(name)[0]
+        for start in range(0, total, chunk_rows):
+            yield self.read(name, dtype, rows=slice(start, min(start + chunk_rows, total)))
+
+    def close(self) -> None:
+        self._handles.clear()

@@ -1,0 +1,164 @@
+"""SO8TConfig: the Qwen3 config.json fields plus the SO8T fields, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_TYPE = "so8t"
+ARCHITECTURE = "SO8TTransformerForCausalLM"
+QWEN3_ARCHITECTURE = "Qwen3ForCausalLM"
+
+
+class ConfigError(ValueError):
+    """A config.json that SO8T cannot represent; the message names the file and the key."""
+
+
+@dataclass
+class SO8TConfig:
+    # Qwen3 fields; names are the config.json keys. Defaults are Qwen3-4B-Thinking-2507's.
+    vocab_size: int = 151936
+    hidden_size: int = 2560
+    intermediate_size: int = 9728
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    max_position_embeddings: int = 262144
+    rope_theta: float = 5_000_000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    use_sliding_window: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int = 36
+    use_cache: bool = True
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list[int] | None = 151645
+    pad_token_id: int | None = None
+    torch_dtype: str = "bfloat16"
+
+    # SO8T fields (README, "Configuration", says what each flag does).
+    so8t_rotation_dim: int = 8
+    so8t_triality_symmetry: bool = True
+    so8t_cross_head_interaction: bool = True
+    so8t_non_commutative_gates: bool = True
+    so8t_vector_representation: bool = True
+    so8t_spinor_plus_representation: bool = True
+    so8t_spinor_minus_representation: bool = True
+    so8t_rotation_seed: int = 8
+
+    model_type: str = field(default=MODEL_TYPE, init=False)
+    architectures: list[str] = field(default_factory=lambda: [ARCHITECTURE], init=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, source: str = "config") -> None:
+        def fail(key: str, expected: str) -> None:
+            raise ConfigError(f"{source}: {key} = {getattr(self, key)!r}; expected {expected}")
+
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+                fail(key, "a positive integer")
+        if self.so8t_rotation_dim != 8:
+            fail("so8t_rotation_dim", "8 (SO(8) triality exists only in dimension 8)")
+        if self.head_dim % 8:
+            fail("head_dim", "a multiple of 8, so each head splits into 8-dim rotation blocks")
+        if self.hidden_size % 8:
+            fail("hidden_size", "a multiple of 8, so the MLP input splits into 8-dim rotation blocks")
+        if self.num_attention_heads % self.num_key_value_heads:
+            fail("num_attention_heads", f"a multiple of num_key_value_heads={self.num_key_value_heads}")
+        if self.so8t_cross_head_interaction:
+            for key in ("num_attention_heads", "num_key_value_heads"):
+                if getattr(self, key) % 8:
+                    fail(key, "a multiple of 8 while so8t_cross_head_interaction is on "
+                              "(heads are mixed in groups of 8); turn the flag off for this model")
+        if self.hidden_act != "silu":
+            fail("hidden_act", "'silu' (Qwen3's SwiGLU)")
+        if self.attention_bias:
+            fail("attention_bias", "false (Qwen3 has no q/k/v bias)")
+        if self.use_sliding_window:
+            fail("use_sliding_window", "false (Qwen3-4B attends over the full context)")
+        if self.rope_scaling and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) != "default":
+            fail("rope_scaling", "null or rope_type 'default' (scaled RoPE is not implemented)")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+    @property
+    def num_key_value_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    # ------------------------------------------------------------------ (de)serialisation
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config", **overrides: Any) -> SO8TConfig:
+        """Build from a Qwen3 or SO8T config.json dict. Unknown keys (quantization_config, ...) are dropped."""
+        raw = {**raw, **overrides}
+        model_type = raw.get("model_type", "qwen3")
+        if model_type not in ("qwen3", MODEL_TYPE):
+            raise ConfigError(f"{source}: model_type = {model_type!r}; expected 'qwen3' or '{MODEL_TYPE}'")
+        # transformers >= 5 nests rope_theta inside rope_parameters; Qwen's own files keep it flat.
+        rope = raw.get("rope_parameters") or {}
+        if "rope_theta" not in raw and "rope_theta" in rope:
+            raw["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default" and not raw.get("rope_scaling"):
+            raw["rope_scaling"] = rope
+        if "torch_dtype" not in raw and isinstance(raw.get("dtype"), str):
+            raw["torch_dtype"] = raw["dtype"]
+        if raw.get("head_dim") is None and "hidden_size" in raw and "num_attention_heads" in raw:
+            raw["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
+        if raw.get("num_key_value_heads") is None and "num_attention_heads" in raw:
+            raw["num_key_value_heads"] = raw["num_attention_heads"]
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        config = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in names and f.name in raw:
+                value = raw[f.name]
+            elif f.default is not dataclasses.MISSING:
+                value = f.default
+            else:
+                value = f.default_factory()  # type: ignore[misc]
+            setattr(config, f.name, value)
+        config.validate(source)
+        return config
+
+    @classmethod
+    def from_json_file(cls, path: str | Path, **overrides: Any) -> SO8TConfig:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no config.json (expected a Qwen3 or SO8T checkpoint folder)") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        return cls.from_dict(raw, source=str(path), **overrides)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, **overrides: Any) -> SO8TConfig:
+        return cls.from_json_file(Path(model_dir) / "config.json", **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save_pretrained(self, model_dir: str | Path) -> None:
+        path = Path(model_dir) / "config.json"
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    def so8t_flags(self) -> dict[str, bool]:
+        """The boolean so8t_* flags, keyed without their prefix (as GGUF metadata names them)."""
+        return {f.name.removeprefix("so8t_"): getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name.startswith("so8t_") and isinstance(getattr(self, f.name), bool)}

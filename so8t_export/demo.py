@@ -1,0 +1,460 @@
+# chat_template.jinja is the `chat_template` string of Qwen/Qwen3-4B-Thinking-2507's tokenizer_config.json,
+# byte-exact (4049 bytes, sha256 3802169b2a02b81e6adb7ab4f64f91ff02db753c8c3a64a01c35192d3a61d8d7, no trailing
+# newline). It was taken from a verbatim dump of that file in the public GitHub repo akougkas/warpio-cli, path
+# warpio-docs/ai-docs/model_cards/qwen3:4b.md (commit 8dde6d21c14ca1c2167e7f8c86370e54fdbbc537; its config.json
+# block is the 2507 one: rope_theta 5000000, 262144 context, and the generation prompt opens `<think>\n`).
+"""A tiny, offline, deterministic stand-in for Qwen3-4B-Thinking-2507.
+
+The real SO8T base model is 8 GB and needs the Hugging Face hub. Tests and the README demo need something
+with the same *shape of interfaces* that builds in well under a second without any download:
+
+* a Qwen2-style byte-level BPE tokenizer (same normalizer, pre-tokenizer regex, decoder, and the Qwen3 added
+  tokens ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``, ``<tool_call>`` ... ``</think>``), trained here
+  with the ``tokenizers`` library on a small built-in corpus, so that llama.cpp's ``pre = qwen2`` tokenizer
+  produces the same ids as Hugging Face;
+* the real Qwen3-4B-Thinking-2507 chat template (``CHAT_TEMPLATE``);
+* a 2-layer ``Qwen3ForCausalLM`` (hidden 64, 16 query / 8 KV heads of dim 16, tied embeddings, rope_theta 5e6,
+  vocab padded past the tokenizer length like Qwen3's 151936 > 151669) with seeded random weights that are
+  scaled so next-token distributions are sharp rather than uniform (see ``write_tiny_qwen3``).
+
+The model knows nothing; it only exists so every export/inference path can be exercised end to end.
+
+    python -m so8t_export.demo /tmp/tiny-qwen3      # writes a checkpoint directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE: str = Path(__file__).with_name("chat_template.jinja").read_text(encoding="utf-8")
+
+# Qwen2/Qwen3 pre-tokenizer split regex, identical to the one in Qwen3's tokenizer.json and to llama.cpp's
+# LLAMA_VOCAB_PRE_TYPE_QWEN2 expression.
+QWEN2_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+NUM_MERGES = 480  # BPE merges learned on top of the 256 byte symbols
+
+# Added tokens, appended after the BPE vocab in the relative order of Qwen3's tokenizer.json (ids 151643..151668
+# there; the vision/box/fim tokens in between are left out). Only the first three are "special" in Qwen3:
+# the tool/think markers are plain added tokens, so they are matched as single ids but survive
+# skip_special_tokens decoding.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+PLAIN_ADDED_TOKENS = [
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+]
+
+MODEL_MAX_LENGTH = 4096
+
+# Sharp init (measured, float32, seeds 0-11: mean max next-token prob 0.39-0.48 on SHARPNESS_PROMPTS, |logit| < 20):
+# linear weights ~ N(0, 0.2) and token embeddings ~ N(0, 2.5 * 0.2 = 0.5). With tied embeddings the logits are
+# <final RMS-normed hidden (norm sqrt(64) = 8), embedding row>, so their spread is ~8 * embedding std = 4, which
+# is what makes the softmax peaked. Scaling the embedding alone is not enough: with small linears the residual
+# stream stays ~ the input embedding and the model just echoes its input token (prob ~1.0); with
+# HF-default-like 0.2-for-everything the attention/MLP branches (RMS ~8) swamp a 0.2-RMS embedding and logits
+# have std ~2 (mean max prob ~0.1). The HF default 0.02 everywhere gives ~0.002, i.e. uniform over ~800 tokens,
+# which makes greedy/sampled comparisons between backends meaningless.
+SHARP_INITIALIZER_RANGE = 0.2
+SHARP_EMBED_MULTIPLIER = 2.5
+FLAT_INITIALIZER_RANGE = 0.02
+
+# A few prompts used to measure sharpness (mean over positions of the max next-token probability).
+SHARPNESS_PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b\n",
+    "你好，世界！今天天气很好。",
+    "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n<think>\n",
+]
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------------------
+
+# Small mixed corpus: enough distinct pairs for NUM_MERGES merges, and covering every kind of text the tests
+# round-trip, so common pieces (English words, indentation, CJK characters, ChatML markers) become merges.
+_CORPUS = [
+    # English prose
+    "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun, and the fox runs into the woods.",
+    (
+        "Language models predict the next token given the previous tokens. A tokenizer splits text into tokens, "
+        "and the model assigns a probability to every token in its vocabulary."
+    ),
+    (
+        "In mathematics, a rotation is a transformation that preserves distances and orientation. The special "
+        "orthogonal group SO(8) contains all rotations of eight-dimensional space; triality relates its vector "
+        "and two spinor representations."
+    ),
+    (
+        "It's what they've said: we'll export the weights, fold the rotations, and we're done. I'm sure you'd "
+        "agree that they'll check the results twice."
+    ),
+    (
+        "Safety matters. The assistant should refuse harmful requests, explain its reasoning, and answer "
+        "helpfully when the request is safe. Authority comes from the system prompt, not from the user."
+    ),
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2025 3.14159 2.71828 1e-6 5000000 151936 4096.",
+    "Hello, world! How are you today? I am fine, thank you. What time is it? It is half past ten.",
+    (
+        "Once upon a time, there was a small model that learned to think before it answered. "
+        "It wrote its thoughts between think tags and then gave a short, clear answer."
+    ),
+    # Code
+    "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a * b\n",
+    "import torch\nimport numpy as np\n\nx = torch.randn(4, 8)\ny = x @ x.T\nprint(y.shape, np.allclose(y, y.T))\n",
+    'for i in range(10):\n    if i % 2 == 0:\n        print(f"even {i}")\n    else:\n        continue\n',
+    (
+        "class Rotation:\n    def __init__(self, matrix):\n        self.matrix = matrix\n\n"
+        "    def apply(self, x):\n        return x @ self.matrix.T\n"
+    ),
+    '#include <stdio.h>\nint main(void) {\n    printf("hello\\n");\n    return 0;\n}\n',
+    '{"name": "get_weather", "arguments": {"city": "Tokyo", "unit": "celsius"}}\n',
+    'fn main() {\n    let v: Vec<i32> = (0..10).collect();\n    println!("{:?}", v);\n}\n',
+    # CJK
+    "你好，世界！今天天气很好。我们一起去公园散步吧。",
+    "人工智能是计算机科学的一个分支。语言模型可以生成文本，也可以回答问题。",
+    "こんにちは、世界。今日はいい天気ですね。日本語のテキストも正しく処理できます。",
+    "안녕하세요, 세계! 오늘 날씨가 좋네요.",
+    "机器学习模型需要大量的数据进行训练。旋转矩阵保持向量的长度不变。",
+    # Emoji and symbols
+    "I love pizza 🍕 and coffee ☕! 😀😃😄 🚀✨🔥 👍🏽 ❤️ 🇯🇵",
+    "Math: α + β = γ, ∑ x² ≤ ∞, π ≈ 3.14, → ← ↑ ↓ — “quotes” ‘single’ … café naïve résumé",
+    # ChatML / thinking traces
+    (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nThe user asks a simple sum. 2 + 2 = 4.\n</think>\n\nThe answer is 4.<|im_end|>\n"
+    ),
+    "<|im_start|>user\n你好！<|im_end|>\n<|im_start|>assistant\n<think>\n用户在打招呼。\n</think>\n\n你好！有什么可以帮你的吗？<|im_end|>\n",
+    (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "search", "arguments": {"query": "SO8T"}}\n</tool_call><|im_end|>\n'
+        '<|im_start|>user\n<tool_response>\n{"result": "ok"}\n</tool_response><|im_end|>\n'
+    ),
+]
+
+
+def _corpus() -> list[str]:
+    # Repeat so that frequent pieces win merges clearly; ties are broken deterministically by the trainer.
+    return [line for _ in range(3) for line in _CORPUS]
+
+
+def _train_bpe():
+    """Train the byte-level BPE model and return a ``tokenizers.Tokenizer`` with the added tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+
+    tok = Tokenizer(BPE(dropout=None, unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = BpeTrainer(
+        vocab_size=len(alphabet) + NUM_MERGES,
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=alphabet,  # all 256 byte symbols, even those absent from the corpus
+        special_tokens=[],  # added after training so they get ids after the BPE vocab, as in Qwen3
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+
+    n_merges = len(json.loads(tok.to_str())["model"]["merges"])
+    if tok.get_vocab_size() != len(alphabet) + n_merges:
+        raise RuntimeError("BPE vocab is not exactly bytes + merges")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in PLAIN_ADDED_TOKENS])
+    return tok
+
+
+def build_tokenizer(out_dir: Path) -> None:
+    """Write tokenizer.json, tokenizer_config.json, vocab.json, merges.txt and chat_template.jinja to out_dir.
+
+    Deterministic: the same files byte for byte on every run (the BPE trainer breaks count ties by pair order).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = _train_bpe()
+    tj = json.loads(tok.to_str())
+    tj["model"]["ignore_merges"] = False
+    # Store merges as "a b" strings like Qwen3's tokenizer.json (tokenizers >= 0.20 emits [a, b] pairs; both load,
+    # and byte-level tokens never contain a literal space, so the string form is unambiguous).
+    tj["model"]["merges"] = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    (out_dir / "tokenizer.json").write_text(
+        json.dumps(tj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+    )
+
+    # vocab.json/merges.txt: the "slow" Qwen2 files; transformers 5 only needs tokenizer.json but older tools
+    # (and llama.cpp's convert fallback) look for them.
+    vocab: dict[str, int] = tj["model"]["vocab"]
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out_dir / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(tj["model"]["merges"]) + "\n", encoding="utf-8"
+    )
+
+    added_tokens_decoder = {
+        str(a["id"]): {
+            "content": a["content"],
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": a["special"],
+        }
+        for a in tj["added_tokens"]
+    }
+    # Mirrors Qwen3-4B-Thinking-2507's tokenizer_config.json (key order included), minus the tokens we lack.
+    config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added_tokens_decoder,
+        "additional_special_tokens": SPECIAL_TOKENS[1:],
+        "bos_token": None,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": MODEL_MAX_LENGTH,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+    )
+    # Newer HF checkpoints also ship the template as its own file; transformers prefers it when present.
+    (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+
+
+def _token_ids() -> dict[str, int]:
+    """Ids of the added tokens and the total tokenizer length (``"__len__"``)."""
+    tok = _train_bpe()
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS + PLAIN_ADDED_TOKENS}
+    ids["__len__"] = tok.get_vocab_size(with_added_tokens=True)
+    return ids
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------------------
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def tiny_qwen3_config(**overrides) -> dict:
+    """config.json of the tiny Qwen3 (same keys and layout as Qwen3-4B-Thinking-2507's config.json)."""
+    ids = _token_ids()
+    n_tok = ids["__len__"]
+    vocab_size = (n_tok // 64 + 1) * 64  # next multiple of 64 strictly above: padded rows, as in Qwen3
+    config = {
+        "architectures": ["Qwen3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": ids[
+            "<|endoftext|>"
+        ],  # Qwen3 sets bos_token_id = <|endoftext|> though it never adds BOS
+        "eos_token_id": ids["<|im_end|>"],
+        "head_dim": 16,
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "initializer_range": SHARP_INITIALIZER_RANGE,
+        "intermediate_size": 128,
+        "max_position_embeddings": MODEL_MAX_LENGTH,
+        "max_window_layers": 2,
+        "model_type": "qwen3",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 8,
+        "pad_token_id": ids["<|endoftext|>"],
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 5000000.0,
+        "sliding_window": None,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": vocab_size,
+    }
+    config.update(overrides)
+    return config
+
+
+def _generation_config(cfg: dict) -> dict:
+    # Same sampling defaults as Qwen3-4B-Thinking-2507's generation_config.json.
+    return {
+        "bos_token_id": cfg["bos_token_id"],
+        "do_sample": True,
+        "eos_token_id": [cfg["eos_token_id"], cfg["pad_token_id"]],
+        "pad_token_id": cfg["pad_token_id"],
+        "temperature": 0.6,
+        "top_k": 20,
+        "top_p": 0.95,
+    }
+
+
+@torch.no_grad()
+def _init_weights(model: torch.nn.Module, std: float, embed_std: float, seed: int) -> None:
+    """Overwrite every parameter from a private generator (order = named_parameters order, fixed by the
+    architecture), so the weights depend only on (config, seed) and the global RNG is never touched."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():  # tied lm_head is the same Parameter, listed once
+        if name.endswith("norm.weight"):
+            # RMSNorm gains (input/post-attention/final and Qwen3's per-head q_norm/k_norm): identity, like HF.
+            p.fill_(1.0)
+        else:
+            scale = embed_std if name.endswith("embed_tokens.weight") else std
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * scale)
+
+
+def _write_sharded(state: dict[str, torch.Tensor], out_dir: Path, shards: int) -> None:
+    """Write exactly `shards` safetensors files + model.safetensors.index.json, HF naming, balanced by bytes."""
+    from safetensors.torch import save_file
+
+    names = list(state)
+    if shards > len(names):
+        raise ValueError(f"shards={shards} exceeds the number of tensors ({len(names)})")
+    sizes = [state[n].numel() * state[n].element_size() for n in names]
+    total = sum(sizes)
+    # Greedy contiguous split: cut whenever the running size passes the next 1/shards boundary, while leaving at
+    # least one tensor for each remaining shard.
+    groups: list[list[str]] = [[] for _ in range(shards)]
+    acc, g = 0, 0
+    for i, (n, s) in enumerate(zip(names, sizes)):
+        remaining_tensors = len(names) - i
+        if (
+            groups[g]
+            and g < shards - 1
+            and (acc >= total * (g + 1) / shards or remaining_tensors == shards - g - 1)
+        ):
+            g += 1
+        groups[g].append(n)
+        acc += s
+    weight_map = {}
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: state[n].contiguous() for n in group}, str(out_dir / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in group})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(
+        json.dumps(index, indent=2) + "\n", encoding="utf-8"
+    )
+
+
+def write_tiny_qwen3(
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    shards: int = 1,
+    sharp: bool = True,
+    **config_overrides,
+) -> Path:
+    """Write a complete transformers Qwen3 checkpoint (config, generation config, tokenizer, safetensors).
+
+    Weights are drawn from ``torch.Generator().manual_seed(seed)``: linear weights ~ N(0, initializer_range), norm
+    gains 1. ``sharp=True`` uses initializer_range=0.2 and token embeddings (tied with lm_head) ~ N(0, 0.5), which
+    makes next-token distributions peaked (mean max probability ~0.45 on SHARPNESS_PROMPTS, see the constants'
+    comment) with moderate logits; ``sharp=False`` uses N(0, 0.02) everywhere (HF default, nearly uniform
+    outputs). An explicit ``initializer_range`` override replaces 0.2/0.02 (the embedding keeps its multiplier).
+    Same arguments -> byte-identical files.
+    """
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if shards < 1:
+        raise ValueError("shards must be >= 1")
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"unsupported dtype {dtype}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    config_overrides.setdefault(
+        "initializer_range", SHARP_INITIALIZER_RANGE if sharp else FLAT_INITIALIZER_RANGE
+    )
+    config_overrides.setdefault("torch_dtype", _DTYPE_NAMES[dtype])
+    cfg = tiny_qwen3_config(**config_overrides)
+
+    build_tokenizer(out_dir)
+
+    hf_config = Qwen3Config(
+        **{k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "torch_dtype")}
+    )
+    # fork_rng: the constructor's own random init must not advance the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        model = Qwen3ForCausalLM(hf_config).to(torch.float32)
+    std = cfg["initializer_range"]
+    _init_weights(model, std, std * (SHARP_EMBED_MULTIPLIER if sharp else 1.0), seed)
+    model = model.to(dtype).eval()
+
+    for stale in list(out_dir.glob("model*.safetensors")) + list(
+        out_dir.glob("model.safetensors.index.json")
+    ):
+        stale.unlink()  # rewriting into a used dir must not leave shards from another layout
+    if shards == 1:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    else:
+        # save_pretrained's greedy max_shard_size packing can't be made to hit an exact shard count reliably;
+        # write HF-layout shards directly (tied lm_head.weight omitted, as save_pretrained does).
+        state = {
+            k: v
+            for k, v in model.state_dict().items()
+            if not (cfg["tie_word_embeddings"] and k == "lm_head.weight")
+        }
+        _write_sharded(state, out_dir, shards)
+
+    # Overwrite what save_pretrained wrote with files in the layout of the real Qwen3-4B-Thinking-2507 checkpoint
+    # (legacy `rope_theta`/`torch_dtype` keys, no transformers_version), which also keeps them version-independent.
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "generation_config.json").write_text(
+        json.dumps(_generation_config(cfg), indent=2) + "\n", encoding="utf-8"
+    )
+    return out_dir
+
+
+@torch.no_grad()
+def mean_max_prob(model_dir: Path, prompts: list[str] | None = None) -> float:
+    """Mean (over all positions of all prompts) of the largest next-token probability: 1/vocab = flat, 1 = one-hot."""
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    maxes = []
+    for text in prompts or SHARPNESS_PROMPTS:
+        ids = torch.tensor([tok.encode(text)])
+        logits = model(ids).logits[0].float()
+        if not torch.isfinite(logits).all():
+            return math.nan
+        maxes.append(logits.softmax(-1).max(-1).values)
+    return torch.cat(maxes).mean().item()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Write the tiny offline Qwen3 demo checkpoint.")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--flat", action="store_true", help="HF-default init (near-uniform outputs)")
+    a = p.parse_args(argv)
+    out = write_tiny_qwen3(
+        a.out_dir, seed=a.seed, dtype=getattr(torch, a.dtype), shards=a.shards, sharp=not a.flat
+    )
+    print(f"wrote {out} (mean max next-token prob {mean_max_prob(out):.3f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Folding: SO8T weights <-> stock Qwen3 weights, one tensor at a time, as pure functions.
+
+fold_weight turns an SO8T projection into the stock Qwen3 projection that computes the same thing
+(rows of q/k/v, columns of gate/up); unfold_weight is its exact inverse and is what loading a plain Qwen3
+checkpoint applies, so that the SO8T model computes exactly what the base model computes. Every other
+tensor passes through unchanged. Callers pass float64 (or float32) and cast once afterwards.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .rotation import RotationPlan, rotate_blocks, rotate_heads, unrotate_heads
+
+_ROTATED = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$")
+
+
+@dataclass(frozen=True)
+class Role:
+    """How a rotation touches one tensor: 'rows' of a q/k/v projection, 'columns' of gate/up, or neither."""
+
+    side: str  # "rows" | "columns" | "none"
+    layer: int = -1
+    projection: str = ""
+
+
+def role(name: str) -> Role:
+    match = _ROTATED.match(name)
+    if not match:
+        return Role("none")
+    layer, projection = int(match.group(1)), match.group(2)
+    return Role("columns" if projection in ("gate_proj", "up_proj") else "rows", layer, projection)
+
+
+def _heads(plan: RotationPlan, projection: str) -> torch.Tensor:
+    return plan.q_heads if projection == "q_proj" else plan.kv_heads
+
+
+def fold_weight(name: str, weight: torch.Tensor, plan: RotationPlan) -> torch.Tensor:
+    """SO8T weight -> stock Qwen3 weight.
+
+    q/k/v: W' = M W, M the head map (blockdiag(R_h), then cross-head mixing), so W' x = M (W x).
+    gate/up: W' = W blockdiag(R), so W' x = W (blockdiag(R) x).
+    """
+    r = role(name)
+    if r.side == "rows":
+        return rotate_heads(weight.T, _heads(plan, r.projection), plan.cross_head, plan.within_head_first).T
+    if r.side == "columns":
+        return rotate_blocks(weight, plan.mlp[r.layer].T)
+    return weight
+
+
+def unfold_weight(name: str, weight: torch.Tensor, plan: RotationPlan) -> torch.Tensor:
+    """Stock Qwen3 weight -> SO8T weight: the exact inverse of fold_weight (M^T W, W blockdiag(R)^T)."""
+    r = role(name)
+    if r.side == "rows":
+        return unrotate_heads(weight.T, _heads(plan, r.projection), plan.cross_head, plan.within_head_first).T
+    if r.side == "columns":
+        return rotate_blocks(weight, plan.mlp[r.layer])
+    return weight
+
+
+def fold_error(name: str, so8t_weight: torch.Tensor, folded: torch.Tensor, plan: RotationPlan,
+               probe: torch.Tensor) -> float:
+    """max |SO8T projection - folded projection| on a probe batch [n, in_features].
+
+    The SO8T side takes the model's path (project, then rotate the activations); the folded side is a plain
+    matmul. A transposed rotation or a wrong head type shows up here as an O(1) error.
+    """
+    r = role(name)
+    if r.side == "rows":
+        reference = rotate_heads(probe @ so8t_weight.T, _heads(plan, r.projection), plan.cross_head,
+                                 plan.within_head_first)
+    elif r.side == "columns":
+        reference = rotate_blocks(probe, plan.mlp[r.layer]) @ so8t_weight.T
+    else:
+        reference = probe @ so8t_weight.T
+    return (reference - probe @ folded.T).abs().max().item()

@@ -1,0 +1,167 @@
+"""from_pretrained / save_pretrained for SO8TTransformerForCausalLM.
+
+A plain Qwen3 checkpoint is loaded function-preserving: every rotated projection absorbs the inverse
+rotation (fold.unfold_weight, in float64, cast once), so the SO8T model computes what the base computes.
+An SO8T checkpoint (model_type "so8t") is loaded as stored: rotations, heads and weights, nothing absorbed.
+Tensors are built on the meta device and assigned one at a time, so loading holds the model plus at most a
+few temporaries the size of the largest tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import triality
+from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, CheckpointReader
+from .config import MODEL_TYPE, SO8TConfig
+from .fold import role, unfold_weight
+from .model import SO8TTransformerForCausalLM
+from .rotation import plan_rotations
+
+ROTATION_BUFFERS = ("model.triality_rotations", "model.cross_head_rotation")
+HEADS = ("safety_head", "authority_head")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64}
+
+
+def resolve_dtype(torch_dtype, config: SO8TConfig) -> torch.dtype:
+    """As transformers >= 5: "auto" (the default) takes the config's dtype; a name or torch.dtype is used as is."""
+    if torch_dtype is None or torch_dtype == "auto":
+        torch_dtype = config.torch_dtype
+    if isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    try:
+        return _DTYPES[str(torch_dtype).removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"torch_dtype {torch_dtype!r}; expected one of {sorted(_DTYPES)} or 'auto'") from None
+
+
+def source_name(name: str, is_so8t: bool) -> str:
+    """Checkpoint name of a model parameter: Qwen3 calls the task head lm_head."""
+    return name if is_so8t or name != "task_head.weight" else "lm_head.weight"
+
+
+def init_head(config: SO8TConfig, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Deterministic init of a head a Qwen3 checkpoint lacks: weight ~ N(0, initializer_range^2) drawn
+    from a generator seeded by so8t_rotation_seed and the head's index, bias zero."""
+    gen = torch.Generator().manual_seed(config.so8t_rotation_seed * 1_000_003 + 7 + HEADS.index(name))
+    weight = torch.randn(2, config.hidden_size, generator=gen) * config.initializer_range
+    return {f"{name}.weight": weight.to(dtype), f"{name}.bias": torch.zeros(2, dtype=dtype)}
+
+
+def rotations_and_heads(reader: CheckpointReader, config: SO8TConfig, is_so8t: bool,
+                        dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The float32 rotation buffers (validated) and the head tensors of a checkpoint.
+
+    An SO8T checkpoint stores them; for a plain Qwen3 checkpoint they are generated from the config's seed.
+    """
+    if is_so8t:
+        rotations, cross_head = (reader.read(name, torch.float32) for name in ROTATION_BUFFERS)
+        heads = {f"{head}.{part}": reader.read(f"{head}.{part}", dtype) for head in HEADS
+                 for part in ("weight", "bias")}
+        source = f"{reader.model_dir}: {ROTATION_BUFFERS[0]}"
+    else:
+        rotations = triality.triality_rotations(config.so8t_rotation_seed).float()
+        cross_head = triality.cross_head_rotation(config.so8t_rotation_seed).float()
+        heads = {name: t for head in HEADS for name, t in init_head(config, head, dtype).items()}
+        source = f"{reader.model_dir}: rotations generated from so8t_rotation_seed"
+    triality.validate_rotations(rotations, cross_head, source=source)
+    return rotations, cross_head, heads
+
+
+def load_pretrained(model_dir: str | Path, torch_dtype=None, **config_overrides) -> SO8TTransformerForCausalLM:
+    reader = CheckpointReader(model_dir)
+    is_so8t = reader.raw_config.get("model_type") == MODEL_TYPE
+    config = SO8TConfig.from_dict(reader.raw_config, source=str(Path(model_dir) / "config.json"),
+                                  **config_overrides)
+    dtype = resolve_dtype(torch_dtype, config)
+    with torch.device("meta"):
+        model = SO8TTransformerForCausalLM(config)
+
+    rotations, cross_head, heads = rotations_and_heads(reader, config, is_so8t, dtype)
+    state: dict[str, torch.Tensor] = {ROTATION_BUFFERS[0]: rotations, ROTATION_BUFFERS[1]: cross_head, **heads}
+    # Absorb with the float64 image of the float32 rotations the model holds, so that loading and then
+    # folding returns the source weights to float64 precision.
+    plan = plan_rotations(config, rotations.double(), cross_head.double())
+
+    expected = {n: p for n, p in model.state_dict().items() if n not in state}
+    if config.tie_word_embeddings:
+        expected.pop("task_head.weight", None)
+    used = set()
+    for name, meta in expected.items():
+        src = source_name(name, is_so8t)
+        if src not in reader:
+            raise CheckpointError(f"{model_dir}: tensor {src} is missing (needed for {name})")
+        found = reader.shape(src)
+        if found != tuple(meta.shape):
+            raise CheckpointError(f"{model_dir}: tensor {src} has shape {list(found)}; expected {list(meta.shape)}")
+        if is_so8t or role(src).side == "none":
+            tensor = reader.read(src, dtype)
+        else:
+            tensor = unfold_weight(src, reader.read(src, torch.float64), plan).to(dtype).contiguous()
+        state[name] = tensor
+        used.add(src)
+    leftover = sorted(set(reader.names()) - used - set(state) - ({"lm_head.weight"} if config.tie_word_embeddings
+                                                                 and not is_so8t else set()))
+    if leftover:
+        raise CheckpointError(f"{model_dir}: tensors not used by SO8T/Qwen3: {', '.join(leftover[:8])}"
+                              + (" ..." if len(leftover) > 8 else ""))
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.task_head.weight = model.model.embed_tokens.weight
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise CheckpointError(f"{model_dir}: no weights for {', '.join(missing)}")
+    model.name_or_path = str(model_dir)
+    reader.close()
+    return model.eval()
+
+
+def save_pretrained(model: SO8TTransformerForCausalLM, model_dir: str | Path,
+                    max_shard_bytes: int = 4 << 30) -> None:
+    """Write config.json (model_type so8t) and safetensors weights, buffers and heads; copy tokenizer files
+    from the folder the model was loaded from. The folder appears complete or not at all."""
+    model_dir = Path(model_dir)
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
+    try:
+        model.config.save_pretrained(tmp)
+        state = {n: t.detach().contiguous() for n, t in model.state_dict().items()
+                 if not (model.config.tie_word_embeddings and n == "task_head.weight")}
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, tensor in state.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = tensor
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], tmp / SINGLE_FILE, metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / file, metadata={"format": "pt"})
+                weight_map.update({name: file for name in shard})
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+        source = getattr(model, "name_or_path", None)
+        for file in TOKENIZER_FILES:
+            if source and (Path(source) / file).exists():
+                shutil.copy2(Path(source) / file, tmp / file)
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        os.replace(tmp, model_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

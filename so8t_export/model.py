@@ -1,0 +1,271 @@
+"""The SO8T reference model: Qwen3 with fixed SO(8) triality rotations and safety/authority heads.
+
+Shapes: B batch, S new tokens, T cached + new tokens, H query heads, K key/value heads, D head_dim.
+Unlike stock Qwen3, q/k/v are rotated right after their projections (before q_norm/k_norm and RoPE) and
+the MLP input right after post_attention_layernorm; rotation.py defines those maps and fold.py folds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import triality
+from .config import SO8TConfig
+from .rotation import RotationPlan, plan_rotations, rotate_blocks, rotate_heads
+
+HEAD_LABELS = {"safety": ("safe", "unsafe"), "authority": ("handle", "escalate")}
+
+
+class RMSNorm(nn.Module):
+    """Qwen3RMSNorm: normalise in float32, cast back, then scale (same rounding order as transformers)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """NEOX RoPE tables for positions [B, S]: cos, sin [B, S, D], computed in float32 as transformers does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, S, D]; pairs dimension i with i + D/2 (NEOX), as llama.cpp's qwen3 graph does."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class KVCache:
+    """Per-layer key/value tensors [B, K, T, D], grown by concatenation."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class SO8TMultiHeadAttention(nn.Module):
+    def __init__(self, config: SO8TConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # unlike Llama: per-head norm on q and k
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, plan: RotationPlan, cache: KVCache | None, want_weights: bool):
+        b, s, _ = x.shape
+        # SO8T: rotate each projection's output before q_norm/k_norm and RoPE, where folding stays exact.
+        q = rotate_heads(self.q_proj(x), plan.q_heads, plan.cross_head, plan.within_head_first)
+        k = rotate_heads(self.k_proj(x), plan.kv_heads, plan.cross_head, plan.within_head_first)
+        v = rotate_heads(self.v_proj(x), plan.kv_heads, plan.cross_head, plan.within_head_first)
+        q = self.q_norm(q.view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)  # [B, H, S, D]
+        k = self.k_norm(k.view(b, s, self.num_kv_heads, self.head_dim)).transpose(1, 2)  # [B, K, S, D]
+        v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # [B, K, T, D]
+        weights = None
+        if want_weights:
+            groups = self.num_heads // self.num_kv_heads
+            k_all, v_all = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+            scores = (q @ k_all.transpose(-1, -2)) * self.head_dim**-0.5
+            scores = scores.masked_fill(~mask, float("-inf")) if mask is not None else scores
+            weights = scores.float().softmax(-1).to(q.dtype)
+            out = weights @ v_all
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1,
+                                                 enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), weights
+
+
+class SO8TMLP(nn.Module):
+    def __init__(self, config: SO8TConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, plan: RotationPlan) -> torch.Tensor:
+        x = rotate_blocks(x, plan.mlp[self.layer_idx])  # SO8T: rotate the normed MLP input
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SO8TTransformerLayer(nn.Module):
+    def __init__(self, config: SO8TConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = SO8TMultiHeadAttention(config, layer_idx)
+        self.mlp = SO8TMLP(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, plan, cache, want_weights):
+        attn, weights = self.self_attn(self.input_layernorm(x), cos, sin, mask, plan, cache, want_weights)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x), plan), weights
+
+
+class SO8TTransformerModel(nn.Module):
+    def __init__(self, config: SO8TConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(SO8TTransformerLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Fixed rotations, saved with the model. Kept in float32 whatever the weights' dtype (see _apply).
+        self.register_buffer("triality_rotations", torch.empty(3, 8, 8, dtype=torch.float32))
+        self.register_buffer("cross_head_rotation", torch.empty(8, 8, dtype=torch.float32))
+        if not self.triality_rotations.is_meta:  # on meta (while loading) the checkpoint supplies them
+            self.triality_rotations.copy_(triality.triality_rotations(config.so8t_rotation_seed))
+            self.cross_head_rotation.copy_(triality.cross_head_rotation(config.so8t_rotation_seed))
+
+    def _apply(self, fn, recurse=True):
+        # Casting the model to bf16 must not cast the rotations: bf16 would break orthogonality at 1e-3.
+        rotations = (self.triality_rotations, self.cross_head_rotation)
+        super()._apply(fn, recurse)
+        if self.triality_rotations.dtype != torch.float32:
+            device = self.triality_rotations.device
+            self.triality_rotations = rotations[0].to(device=device, dtype=torch.float32)
+            self.cross_head_rotation = rotations[1].to(device=device, dtype=torch.float32)
+        return self
+
+    def rotation_plan(self) -> RotationPlan:
+        return plan_rotations(self.config, self.triality_rotations, self.cross_head_rotation)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                output_hidden_states=False, output_attentions=False):
+        b, s = input_ids.shape
+        past = cache.length if cache is not None else 0
+        x = self.embed_tokens(input_ids)
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: count only real tokens
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + s, device=x.device).expand(b, s)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = self._mask(b, s, past, attention_mask, x.device, output_attentions)
+        plan = self.rotation_plan().to(x.dtype)
+        hidden_states, attentions = [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                hidden_states.append(x)
+            x, weights = layer(x, cos, sin, mask, plan, cache, output_attentions)
+            if output_attentions:
+                attentions.append(weights)
+        x = self.norm(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+        return x, tuple(hidden_states) or None, tuple(attentions) or None
+
+    @staticmethod
+    def _mask(b, s, past, attention_mask, device, explicit: bool) -> torch.Tensor | None:
+        """Boolean [B, 1, S, T] mask (True = attend), or None where SDPA's is_causal does the job."""
+        if attention_mask is None and not explicit and (past == 0 or s == 1):
+            return None
+        total = past + s
+        causal = torch.arange(total, device=device)[None, :] <= torch.arange(past, total, device=device)[:, None]
+        mask = causal[None, None].expand(b, 1, s, total)
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, :total].bool()
+            # A fully padded query row would give NaN; let it attend to itself (its output is ignored).
+            mask = mask | (~mask.any(-1, keepdim=True) & causal[None, None])
+        return mask
+
+
+@dataclass
+class SO8TCausalLMOutput:
+    """Forward outputs; fields read as attributes or, as with transformers' ModelOutput, as keys."""
+
+    task_logits: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # the same tensor as task_logits, for transformers-style callers
+    safety_logits: torch.Tensor | None = None
+    authority_logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    past_key_values: KVCache | None = None
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+
+class SO8TTransformerForCausalLM(nn.Module):
+    """SO8T with its three heads, all reading the final normed hidden state:
+    task (the LM head, tied to the embeddings when the config ties them), safety (0 safe, 1 unsafe) and
+    authority (0 handle, 1 escalate)."""
+
+    def __init__(self, config: SO8TConfig):
+        super().__init__()
+        self.config = config
+        self.model = SO8TTransformerModel(config)
+        self.task_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.task_head.weight = self.model.embed_tokens.weight
+        self.safety_head = nn.Linear(config.hidden_size, 2, bias=True)
+        self.authority_head = nn.Linear(config.hidden_size, 2, bias=True)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,
+                use_cache: bool = False, output_hidden_states: bool = False, output_attentions: bool = False,
+                logits_to_keep: int = 0, return_dict: bool = True) -> SO8TCausalLMOutput:
+        """logits_to_keep > 0 scores only the last that many positions (generation needs only the last)."""
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache(self.config.num_hidden_layers)
+        hidden, all_hidden, attentions = self.model(input_ids, attention_mask, position_ids, past_key_values,
+                                                    output_hidden_states, output_attentions)
+        kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        task_logits = self.task_head(kept)
+        return SO8TCausalLMOutput(task_logits=task_logits, logits=task_logits,
+                                  safety_logits=self.safety_head(kept), authority_logits=self.authority_head(kept),
+                                  last_hidden_state=hidden, hidden_states=all_hidden, attentions=attentions,
+                                  past_key_values=past_key_values)
+
+    # Checkpoint IO and generation live in their own modules; these are the familiar entry points.
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, torch_dtype=None, dtype=None,
+                        **config_overrides) -> SO8TTransformerForCausalLM:
+        from .loading import load_pretrained
+
+        return load_pretrained(model_dir, torch_dtype=dtype if dtype is not None else torch_dtype,
+                               **config_overrides)
+
+    def save_pretrained(self, model_dir: str | Path) -> None:
+        from .loading import save_pretrained
+
+        save_pretrained(self, model_dir)
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        from .generation import generate
+
+        return generate(self, input_ids, **kwargs)

@@ -1,0 +1,112 @@
+"""Where SO8T's fixed rotations act and how: one definition shared by the model and the fold.
+
+The model applies these maps to activations (q, k, v right after their projections; the MLP input right
+after post_attention_layernorm). The fold applies the very same maps to weights, which is exact because
+each map is linear and sits directly on a projection's output (rows) or input (columns):
+
+    rotate_heads(x @ W.T)  == x @ rotate_heads(W.T)        -> W_folded = rotate_heads(W.T).T
+    (rotate_blocks(x) @ W.T) == x @ (W @ blockdiag(R)).T   -> W_folded = rotate_blocks(W, R.T)
+
+Convention: a rotation R acts on a column vector, x -> R x; on row tensors that is x @ R.T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import SO8TConfig
+
+BLOCK = 8
+
+
+def head_types(num_heads: int, triality_symmetry: bool) -> torch.Tensor:
+    """Triality type of each head: h % 3 (0 vector/task, 1 spinor+/safety, 2 spinor-/authority), or all 0."""
+    heads = torch.arange(num_heads)
+    return heads % 3 if triality_symmetry else torch.zeros_like(heads)
+
+
+def layer_types(num_layers: int, triality_symmetry: bool) -> torch.Tensor:
+    """Triality type of each layer's MLP input rotation: layer % 3, or all 0 (vector)."""
+    return head_types(num_layers, triality_symmetry)
+
+
+@dataclass(frozen=True)
+class RotationPlan:
+    """The effective rotations of one model: which 8x8 matrix acts where."""
+
+    q_heads: torch.Tensor  # [num_attention_heads, 8, 8]
+    kv_heads: torch.Tensor  # [num_key_value_heads, 8, 8]
+    mlp: torch.Tensor  # [num_hidden_layers, 8, 8]
+    cross_head: torch.Tensor | None  # [8, 8], mixes heads in groups of 8; None when the flag is off
+    within_head_first: bool  # so8t_non_commutative_gates: within-head rotation, then cross-head mixing
+
+    def to(self, dtype: torch.dtype) -> RotationPlan:
+        cast = (lambda t: None if t is None else t.to(dtype))
+        return RotationPlan(cast(self.q_heads), cast(self.kv_heads), cast(self.mlp), cast(self.cross_head),
+                            self.within_head_first)
+
+
+def effective_types(config: SO8TConfig, rotations: torch.Tensor) -> torch.Tensor:
+    """[3, 8, 8]: each triality type's matrix, or the identity where its representation flag is off."""
+    enabled = torch.tensor([config.so8t_vector_representation, config.so8t_spinor_plus_representation,
+                            config.so8t_spinor_minus_representation])
+    eye = torch.eye(BLOCK, dtype=rotations.dtype, device=rotations.device).expand_as(rotations)
+    return torch.where(enabled[:, None, None].to(rotations.device), rotations, eye)
+
+
+def plan_rotations(config: SO8TConfig, rotations: torch.Tensor, cross_head: torch.Tensor) -> RotationPlan:
+    """Resolve the config's flags into per-head and per-layer matrices (see README, "Configuration")."""
+    types = effective_types(config, rotations)
+    symmetric = config.so8t_triality_symmetry
+    return RotationPlan(
+        q_heads=types[head_types(config.num_attention_heads, symmetric)],
+        kv_heads=types[head_types(config.num_key_value_heads, symmetric)],
+        mlp=types[layer_types(config.num_hidden_layers, symmetric)],
+        cross_head=cross_head if config.so8t_cross_head_interaction else None,
+        within_head_first=config.so8t_non_commutative_gates,
+    )
+
+
+def rotate_within_heads(x: torch.Tensor, heads: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """Rotate each head's 8-dim blocks by its own matrix: x [..., H*D] with heads [H, 8, 8]."""
+    num_heads = heads.shape[0]
+    blocks = x.reshape(*x.shape[:-1], num_heads, -1, BLOCK)  # [..., H, D/8, 8]
+    pattern = "...hnj,hji->...hni" if transpose else "...hnj,hij->...hni"
+    return torch.einsum(pattern, blocks, heads.to(x.dtype)).reshape(x.shape)
+
+
+def mix_across_heads(x: torch.Tensor, num_heads: int, cross_head: torch.Tensor,
+                     transpose: bool = False) -> torch.Tensor:
+    """Mix heads g*8..g*8+7 coordinate by coordinate with one 8x8 rotation: x [..., H*D]."""
+    groups = x.reshape(*x.shape[:-1], num_heads // BLOCK, BLOCK, -1)  # [..., H/8, 8, D]
+    pattern = "...gjd,ji->...gid" if transpose else "...gjd,ij->...gid"
+    return torch.einsum(pattern, groups, cross_head.to(x.dtype)).reshape(x.shape)
+
+
+def rotate_heads(x: torch.Tensor, heads: torch.Tensor, cross_head: torch.Tensor | None,
+                 within_head_first: bool = True) -> torch.Tensor:
+    """The SO8T map on a projection output x [..., H*D]: within-head rotation and cross-head mixing."""
+    if cross_head is None:
+        return rotate_within_heads(x, heads)
+    if within_head_first:
+        return mix_across_heads(rotate_within_heads(x, heads), heads.shape[0], cross_head)
+    return rotate_within_heads(mix_across_heads(x, heads.shape[0], cross_head), heads)
+
+
+def unrotate_heads(x: torch.Tensor, heads: torch.Tensor, cross_head: torch.Tensor | None,
+                   within_head_first: bool = True) -> torch.Tensor:
+    """Inverse of rotate_heads (every factor is orthogonal, so each is undone by its transpose)."""
+    if cross_head is None:
+        return rotate_within_heads(x, heads, transpose=True)
+    num_heads = heads.shape[0]
+    if within_head_first:
+        return rotate_within_heads(mix_across_heads(x, num_heads, cross_head, transpose=True), heads, True)
+    return mix_across_heads(rotate_within_heads(x, heads, transpose=True), num_heads, cross_head, True)
+
+
+def rotate_blocks(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x -> blockdiag(R, R, ...) x over the last axis, in 8-dim blocks."""
+    blocks = x.reshape(*x.shape[:-1], -1, BLOCK)
+    return (blocks @ rotation.to(x.dtype).T).reshape(x.shape)
