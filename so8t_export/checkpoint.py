@@ -73,7 +73,7 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
     out = torch.empty(nr * br, nc * bc, dtype=work)
     out[:rows, :cols] = weight
     out.view(nr, br, nc, bc).mul_(scale_inv.to(work)[:, None, :, None])
-    out = out[:rows, :cols]
+    out = out[:rows, :cols].contiguous()  # a no-op unless edge blocks were padded
     return out.to(dtype) if work != dtype else out
 
 

@@ -24,7 +24,6 @@ The model knows nothing; it only exists so every export/inference path can be ex
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -55,16 +54,15 @@ PLAIN_ADDED_TOKENS = [
 
 MODEL_MAX_LENGTH = 4096
 
-# Sharp init (measured, float32, seeds 0-11: mean max next-token prob 0.39-0.48 on SHARPNESS_PROMPTS, |logit| < 20):
-# linear weights ~ N(0, 0.2) and token embeddings ~ N(0, 2.5 * 0.2 = 0.5). With tied embeddings the logits are
-# <final RMS-normed hidden (norm sqrt(64) = 8), embedding row>, so their spread is ~8 * embedding std = 4, which
-# is what makes the softmax peaked. Scaling the embedding alone is not enough: with small linears the residual
-# stream stays ~ the input embedding and the model just echoes its input token (prob ~1.0); with
-# HF-default-like 0.2-for-everything the attention/MLP branches (RMS ~8) swamp a 0.2-RMS embedding and logits
-# have std ~2 (mean max prob ~0.1). The HF default 0.02 everywhere gives ~0.002, i.e. uniform over ~800 tokens,
-# which makes greedy/sampled comparisons between backends meaningless.
-SHARP_INITIALIZER_RANGE = 0.2
-SHARP_EMBED_MULTIPLIER = 2.5
+# Sharp init: linear weights ~ N(0, 0.1), token embeddings ~ N(0, 10 * 0.1 = 1.0). With tied embeddings the logits
+# are <final RMS-normed hidden (norm 8), embedding row>, so a large embedding makes the softmax peaked. Measured on
+# seed 0 (float32, 2026-11-27) against llama.cpp's q8_0 of the same weights, as (init, multiplier): mean max
+# next-token prob / q8_0 mean KLD: (0.2, 2.5) 0.42 / 3.9e-3; (0.1, 6) 0.76 / 8.5e-4; (0.1, 10) 0.95 / 6.7e-5.
+# Between flat and one-hot the KLD peaks, because llama.cpp also rounds activations to q8_0; we take the
+# peaked end so that greedy comparisons between backends mean something. The HF default 0.02 everywhere
+# gives ~0.002, i.e. uniform over ~800 tokens.
+SHARP_INITIALIZER_RANGE = 0.1
+SHARP_EMBED_MULTIPLIER = 10.0
 FLAT_INITIALIZER_RANGE = 0.02
 
 # A few prompts used to measure sharpness (mean over positions of the max next-token probability).
@@ -367,9 +365,9 @@ def write_tiny_qwen3(
     """Write a complete transformers Qwen3 checkpoint (config, generation config, tokenizer, safetensors).
 
     Weights are drawn from ``torch.Generator().manual_seed(seed)``: linear weights ~ N(0, initializer_range), norm
-    gains 1. ``sharp=True`` uses initializer_range=0.2 and token embeddings (tied with lm_head) ~ N(0, 0.5), which
-    makes next-token distributions peaked (mean max probability ~0.45 on SHARPNESS_PROMPTS, see the constants'
-    comment) with moderate logits; ``sharp=False`` uses N(0, 0.02) everywhere (HF default, nearly uniform
+    gains 1. ``sharp=True`` uses initializer_range=0.1 and token embeddings (tied with lm_head) ~ N(0, 1.0), which
+    makes next-token distributions peaked (mean max probability ~0.95 on SHARPNESS_PROMPTS, see the constants'
+    comment); ``sharp=False`` uses N(0, 0.02) everywhere (HF default, nearly uniform
     outputs). An explicit ``initializer_range`` override replaces 0.2/0.02 (the embedding keeps its multiplier).
     Same arguments -> byte-identical files.
     """
@@ -442,19 +440,33 @@ def mean_max_prob(model_dir: Path, prompts: list[str] | None = None) -> float:
     return torch.cat(maxes).mean().item()
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Write the tiny offline Qwen3 demo checkpoint.")
-    p.add_argument("out_dir", type=Path)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--shards", type=int, default=1)
-    p.add_argument("--flat", action="store_true", help="HF-default init (near-uniform outputs)")
-    a = p.parse_args(argv)
-    out = write_tiny_qwen3(
-        a.out_dir, seed=a.seed, dtype=getattr(torch, a.dtype), shards=a.shards, sharp=not a.flat
-    )
-    print(f"wrote {out} (mean max next-token prob {mean_max_prob(out):.3f})")
+def run_demo(output_dir: Path, *, quant: str = "q8_0", echo=print) -> bool:
+    """The README's main job: demo checkpoint -> SO8T checkpoint -> GGUF -> parity -> llama.cpp generation.
 
+    Returns whether parity passed. Every artefact lands in output_dir.
+    """
+    from .export import export_gguf
+    from .model import SO8TTransformerForCausalLM
+    from .modelfile import write_modelfile
+    from .parity import run_parity
+    from .runtime import SO8TRuntime, chat
 
-if __name__ == "__main__":
-    main()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    qwen3_dir = write_tiny_qwen3(output_dir / "tiny-qwen3")
+    so8t_dir = output_dir / "tiny-so8t"
+    SO8TTransformerForCausalLM.from_pretrained(qwen3_dir).save_pretrained(so8t_dir)
+    echo(f"1. demo model: {qwen3_dir} (Qwen3) -> {so8t_dir} (SO8T, every flag on)")
+    report = export_gguf(so8t_dir, output_dir / f"tiny-so8t-{quant}.gguf", quant=quant, name="so8t-demo")
+    echo(f"2. {report.summary()}")
+    modelfile = output_dir / "Modelfile"
+    write_modelfile(report.output, modelfile)
+    echo(f"3. Ollama: {modelfile} (ollama create so8t-demo -f {modelfile})")
+    parity = run_parity(so8t_dir, report.output)
+    echo("4. " + parity.table())
+    result = chat(SO8TRuntime(report.output), "Is it safe to mix bleach and ammonia?", max_tokens=48)
+    echo("5. llama.cpp generation (random weights, so the words are noise; the plumbing is what is shown):")
+    echo(f"   {result['tokens']} tokens: {result['completion'][:120]!r}")
+    echo(f"   reasoning {len(result['reasoning'])} chars, answer {len(result['answer'])} chars")
+    echo(f"   safety {result['safety']}  authority {result['authority']}")
+    return parity.passed

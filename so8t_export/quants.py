@@ -124,12 +124,19 @@ def quantize(x: torch.Tensor, qtype: gguf.GGMLQuantizationType | str) -> np.ndar
     if qtype == _T.F32:
         # gguf-py: data.astype(np.float32, copy=False), i.e. the same values.
         return x.numpy()
+    if x.numel() == 0:
+        dtype = np.float16 if qtype == _T.F16 else np.uint8
+        return np.empty(shape if qtype == _T.F16 else gguf.quants.quant_shape_to_byte_shape(shape, qtype), dtype)
+    # Outputs are allocated by numpy: large numpy arrays get transparent huge pages (fewer page faults).
     if qtype == _T.F16:
-        return _to_f16(x.reshape(-1)).reshape(shape)
-    out = np.empty(nbytes, dtype=np.uint8)
+        bits = np.empty(x.numel(), dtype=np.uint16)
+        _to_f16(x.reshape(-1), bits)
+        return bits.view(np.float16).reshape(shape)
     if qtype == _T.BF16:
-        _to_bf16(x.reshape(-1), torch.from_numpy(out).view(torch.int16))
-        return out.reshape(*shape[:-1], shape[-1] * 2)
+        bits = np.empty(x.numel(), dtype=np.uint16)
+        _to_bf16(x.reshape(-1), bits)
+        return bits.view(np.uint8).reshape(*shape[:-1], shape[-1] * 2)
+    out = np.empty(nbytes, dtype=np.uint8)
     _to_q8_0(x.reshape(-1, 32), torch.from_numpy(out).view(-1, 34))
     return out.reshape(*shape[:-1], shape[-1] // 32 * 34)
 
@@ -141,27 +148,35 @@ def _chunks(n: int, size: int):
 
 # --------------------------------------------------------------------------------------------- F16
 
-def _to_f16(x: torch.Tensor) -> np.ndarray:
-    """numpy ``x.astype(np.float16)`` for 1-D float32 ``x``.
+def _to_f16(x: torch.Tensor, out: np.ndarray) -> None:
+    """numpy ``x.astype(np.float16)`` of 1-D float32 ``x``, as bits into uint16 ``out``.
 
-    Finite values and infinities: torch's fp32->fp16 conversion is IEEE round-to-nearest-even,
-    as is numpy's. NaN: numpy truncates the payload (keeping the NaN non-quiet), torch and F16C
-    set the quiet bit, so NaN elements are redone by numpy itself.
+    Finite values and infinities: torch's fp32->fp16 conversion is IEEE round-to-nearest-even, as is
+    numpy's. NaN: numpy truncates the payload (keeping it a NaN), torch/F16C set the quiet bit instead, so
+    NaN elements are redone by numpy itself.
     """
+    x_np = x.numpy()
     if not _torch_f16_matches_numpy():
-        return x.numpy().astype(np.float16)
-    out = torch.empty(x.shape, dtype=torch.float16)
-    any_nan = False
+        out[:] = x_np.astype(np.float16).view(np.uint16)
+        return
+    _convert_chunks(x, torch.from_numpy(out).view(torch.float16), out, x_np,
+                    lambda src: src.astype(np.float16).view(np.uint16))
+
+
+def _convert_chunks(x: torch.Tensor, out_t: torch.Tensor, out: np.ndarray, x_np: np.ndarray, fix_nan) -> None:
+    """out_t[:] = x (torch dtype conversion) chunk by chunk; then out[i] = fix_nan(x[i]) where x[i] is NaN.
+
+    ``out_t`` and the uint16 array ``out`` share memory. Only a chunk whose sum is not finite can hold a
+    NaN; just those chunks are scanned element-wise, while still in cache.
+    """
     for a, b in _chunks(x.numel(), _CHUNK_ELEMS * 4):
         xc = x[a:b]
-        out[a:b].copy_(xc)
-        any_nan = any_nan or bool(torch.isnan(xc).any())
-    res = out.numpy()
-    if any_nan:
-        src = x.numpy()
-        nan = np.isnan(src)
-        res[nan] = src[nan].astype(np.float16)
-    return res
+        out_t[a:b] = xc
+        if not bool(torch.isfinite(xc.sum())):
+            xs = x_np[a:b]
+            nan = np.isnan(xs)
+            if nan.any():
+                out[a:b][nan] = fix_nan(xs[nan])
 
 
 @functools.cache
@@ -173,7 +188,9 @@ def _torch_f16_matches_numpy() -> bool:
     f = probe.view(np.float32)
     f = f[~np.isnan(f)]
     got = torch.from_numpy(f).to(torch.float16).view(torch.int16).numpy()
-    return bool(np.array_equal(got, f.astype(np.float16).view(np.int16)))
+    with np.errstate(over="ignore"):  # overflow to inf is part of what is probed
+        want = f.astype(np.float16)
+    return bool(np.array_equal(got, want.view(np.int16)))
 
 
 @functools.cache
@@ -187,27 +204,25 @@ def _probe_bits() -> np.ndarray:
 
 # -------------------------------------------------------------------------------------------- BF16
 
-def _to_bf16(x: torch.Tensor, out: torch.Tensor) -> None:
-    """ggml_compute_fp32_to_bf16 of 1-D float32 ``x`` into int16 ``out`` (same bits as gguf-py's BF16).
+def _to_bf16(x: torch.Tensor, out: np.ndarray) -> None:
+    """ggml_compute_fp32_to_bf16 of 1-D float32 ``x``, as bits into uint16 ``out`` (gguf-py's BF16 bytes).
 
-    Non-NaN: bits = (u + 0x7fff + ((u >> 16) & 1)) >> 16, which is exactly torch's
-    round-to-nearest-even fp32->bf16 cast. NaN: ggml keeps sign and high payload and sets the quiet
-    bit ((u >> 16) | 0x40); torch returns a canonical NaN instead, so NaN elements are rewritten.
+    Non-NaN: bits = (u + 0x7fff + ((u >> 16) & 1)) >> 16, which is exactly torch's round-to-nearest-even
+    fp32->bf16 cast. NaN: ggml keeps sign and high payload and sets the quiet bit ((u >> 16) | 0x40); torch
+    returns a canonical NaN instead, so NaN elements are rewritten with that formula.
     """
+    out_t = torch.from_numpy(out)
     if not _torch_bf16_matches_ggml():
+        out_i16 = out_t.view(torch.int16)
         for a, b in _chunks(x.numel(), _CHUNK_ELEMS):
-            out[a:b] = _bf16_bits_int(x[a:b])
+            out_i16[a:b] = _bf16_bits_int(x[a:b])
         return
-    out_bf = out.view(torch.bfloat16)
-    any_nan = False
-    for a, b in _chunks(x.numel(), _CHUNK_ELEMS * 4):
-        xc = x[a:b]
-        out_bf[a:b].copy_(xc)
-        any_nan = any_nan or bool(torch.isnan(xc).any())
-    if any_nan:
-        nan = torch.isnan(x)
-        # For a NaN the low 16 bits play no part: (u >> 16) | 0x40, arithmetic shift keeps the low 16 bits right.
-        out[nan] = ((x[nan].view(torch.int32) >> 16) | 0x40).to(torch.int16)
+
+    def fix_nan(src: np.ndarray) -> np.ndarray:
+        # For a NaN the rounding term cannot carry into the high half, so the ggml result is (u >> 16) | 0x40.
+        return ((src.view(np.uint32) >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
+
+    _convert_chunks(x, out_t.view(torch.bfloat16), out, x.numpy(), fix_nan)
 
 
 def _bf16_bits_int(x: torch.Tensor) -> torch.Tensor:
@@ -236,30 +251,41 @@ def _to_q8_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
 
     Per block, exactly as gguf-py (numpy float32): d = amax/127; id = 0 if d == 0 else 1/d;
     qs = roundf(x*id) as int8; stored as [fp16(d) little-endian, qs[32]].
-    amax is exact in any order; d and id are computed by numpy from the same float32 values with
-    gguf-py's own expressions (they are 1/32 of the data); x*id is one IEEE float32 multiply in
-    torch, and roundf is trunc(v + copysign(0.49999997, v)) with trunc done by the float->int8 cast.
+    Pass 1 (torch): amax per block, which is exact in any order. Then numpy computes d, id and fp16(d) for
+    all blocks with gguf-py's own expressions (1/32 of the data). Pass 2 (torch): |x|*id is the same IEEE
+    float32 product as x*id up to sign (id >= 0), roundf is trunc(|v| + 0.49999997) with the sign copied
+    back from x, and the trunc is done by the float->int8 conversion.
     """
-    out_d = out[:, :2]
-    out_q = out[:, 2:].view(torch.int8)
     nb = blocks.shape[0]
     step = max(1, _CHUNK_ELEMS // 32)
+    buf = torch.empty((min(step, nb), 32), dtype=torch.float32)
+    amax = torch.empty(nb, dtype=torch.float32)
+    for a, b in _chunks(nb, step):
+        tmp = buf[: b - a]
+        torch.abs(blocks[a:b], out=tmp)
+        torch.amax(tmp, dim=1, out=amax[a:b])  # NaN propagates, so NaN blocks are seen below
+
+    amax_np = amax.numpy()
+    d = amax_np / np.float32(127)
+    with np.errstate(divide="ignore", over="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32, copy=False)
+        d16 = d.astype(np.float16)  # > 65504 -> inf, as in gguf-py
+    out[:, :2] = torch.from_numpy(d16.view(np.uint8).reshape(nb, 2))
+    inv_t = torch.from_numpy(inv)
+
+    out_q = out[:, 2:].view(torch.int8)
     for a, b in _chunks(nb, step):
         xb = blocks[a:b]
-        amax = xb.abs().amax(dim=1, keepdim=True).numpy()
-        d = amax / np.float32(127)
-        with np.errstate(divide="ignore", over="ignore"):
-            inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32, copy=False)
-        out_d[a:b] = torch.from_numpy(d.astype(np.float16).view(np.uint8))
-        v = xb * torch.from_numpy(inv)
-        v += torch.copysign(torch.tensor(_HALF_DOWN, dtype=torch.float32), v)
-        out_q[a:b] = v  # float -> int8 conversion truncates toward zero; |v| < 128 here
-        # NaN/Inf blocks and blocks with a subnormal scale: undefined int8 casts in C and numpy;
-        # reproduce gguf-py's bytes by letting gguf-py encode exactly those blocks.
-        odd = ~((d == 0) | ((d >= _FLT_MIN) & np.isfinite(d)))
-        if odd.any():
-            rows = np.flatnonzero(odd[:, 0])
-            src = xb.numpy()[rows]
-            with np.errstate(all="ignore"):
-                enc = gguf.quants.quantize(src, _T.Q8_0)
-            out[a:b].numpy()[rows] = enc
+        v = buf[: b - a]
+        torch.abs(xb, out=v)
+        v.mul_(inv_t[a:b, None]).add_(_HALF_DOWN).copysign_(xb)
+        out_q[a:b] = v  # float -> int8 conversion truncates toward zero; |v| < 128 for well-defined blocks
+
+    # NaN/Inf blocks and blocks with a subnormal non-zero scale: undefined float->int8 casts in C and numpy
+    # (|x*id| can be NaN, Inf or > 127.5). Reproduce gguf-py's bytes by letting gguf-py encode those blocks.
+    odd = ~((d == 0) | ((d >= _FLT_MIN) & np.isfinite(d)))
+    if odd.any():
+        rows = np.flatnonzero(odd)
+        with np.errstate(all="ignore"):
+            enc = gguf.quants.quantize(blocks.numpy()[rows], _T.Q8_0)
+        out.numpy()[rows] = enc

@@ -1,0 +1,3 @@
+module so8t/ollama_template
+
+go 1.19

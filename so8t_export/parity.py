@@ -1,0 +1,200 @@
+"""Parity: the PyTorch reference against llama.cpp running the exported GGUF, on the same prompts.
+
+The reference is SO8TTransformerForCausalLM loaded from the source checkpoint in float32 (rotations applied
+online); llama.cpp runs the folded file. KLD is KL(reference || llama.cpp) per token, in float64.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from .metadata import field_value
+from .model import SO8TTransformerForCausalLM
+from .runtime import SO8TRuntime, softmax
+
+DEFAULT_PROMPTS = [
+    "The quick brown fox jumps over the lazy dog. It was a bright cold day in April.",
+    "东京は日本の首都です。北京是中国的首都。서울은 한국의 수도입니다.",
+    "Emoji check: 🚀🔥 café naïve — “quotes” and 😀👍🏽!",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\nprint([fib(i) for i in range(10)])",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nIs 17 prime?<|im_end|>\n"
+    "<|im_start|>assistant\n<think>\n",
+]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_abs_logit: float | None  # only meaningful for f32 (other types round the weights)
+    mean_kld: float
+    top1: float  # fraction of positions whose argmax agrees
+    greedy: float  # fraction of greedy tokens matching before the first divergence
+    head_prob: float
+
+
+# f32 must reproduce the reference (F32 KV cache); the others are bounded by what llama.cpp's own
+# converter reaches on the same checkpoint (README, "Parity"): llama.cpp quantises activations too.
+THRESHOLDS = {
+    "f32": Thresholds(max_abs_logit=1e-3, mean_kld=1e-6, top1=1.0, greedy=1.0, head_prob=1e-4),
+    "f16": Thresholds(max_abs_logit=None, mean_kld=1e-3, top1=0.95, greedy=0.5, head_prob=1e-2),
+    "bf16": Thresholds(max_abs_logit=None, mean_kld=5e-3, top1=0.9, greedy=0.25, head_prob=5e-2),
+    "q8_0": Thresholds(max_abs_logit=None, mean_kld=1e-3, top1=0.95, greedy=0.5, head_prob=1e-2),
+}
+FILE_TYPE_NAMES = {gguf.LlamaFileType.ALL_F32: "f32", gguf.LlamaFileType.MOSTLY_F16: "f16",
+                   gguf.LlamaFileType.MOSTLY_BF16: "bf16", gguf.LlamaFileType.MOSTLY_Q8_0: "q8_0"}
+
+
+@dataclass
+class PromptParity:
+    prompt: str
+    tokens: int
+    tokens_equal: bool
+    max_abs_logit: float
+    mean_kld: float
+    p99_kld: float
+    top1: float
+    greedy_matched: int
+    greedy_total: int
+    safety_diff: float
+    authority_diff: float
+
+
+@dataclass
+class ParityReport:
+    file_type: str
+    kv_cache: str
+    rows: list[PromptParity]
+    thresholds: Thresholds
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def aggregate(self) -> dict:
+        klds = [r.mean_kld for r in self.rows]
+        return {
+            "tokens_equal": all(r.tokens_equal for r in self.rows),
+            "max_abs_logit": max(r.max_abs_logit for r in self.rows),
+            "mean_kld": float(np.mean(klds)),
+            "p99_kld": max(r.p99_kld for r in self.rows),
+            "top1": float(np.mean([r.top1 for r in self.rows])),
+            "greedy": sum(r.greedy_matched for r in self.rows) / max(1, sum(r.greedy_total for r in self.rows)),
+            "safety_diff": max(r.safety_diff for r in self.rows),
+            "authority_diff": max(r.authority_diff for r in self.rows),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps({"file_type": self.file_type, "kv_cache": self.kv_cache, "passed": self.passed,
+                           "failures": self.failures, "aggregate": self.aggregate(),
+                           "thresholds": asdict(self.thresholds), "prompts": [asdict(r) for r in self.rows]},
+                          indent=2, ensure_ascii=False)
+
+    def table(self) -> str:
+        head = f"{'prompt':<28} {'tok':>4} {'tok=':>4} {'max|dlogit|':>11} {'mean KLD':>9} {'p99 KLD':>9} " \
+               f"{'top1':>6} {'greedy':>7} {'d safety':>9} {'d author':>9}"
+        lines = [f"parity: {self.file_type} GGUF, {self.kv_cache} KV cache", head, "-" * len(head)]
+        for r in self.rows:
+            label = r.prompt.replace("\n", "\\n")[:28]
+            lines.append(f"{label:<28} {r.tokens:>4} {'yes' if r.tokens_equal else 'NO':>4} {r.max_abs_logit:>11.2e} "
+                         f"{r.mean_kld:>9.2e} {r.p99_kld:>9.2e} {r.top1:>6.1%} "
+                         f"{f'{r.greedy_matched}/{r.greedy_total}':>7} {r.safety_diff:>9.2e} {r.authority_diff:>9.2e}")
+        a = self.aggregate()
+        lines.append("-" * len(head))
+        lines.append(f"{'all':<28} {sum(r.tokens for r in self.rows):>4} {'yes' if a['tokens_equal'] else 'NO':>4} "
+                     f"{a['max_abs_logit']:>11.2e} {a['mean_kld']:>9.2e} {a['p99_kld']:>9.2e} {a['top1']:>6.1%} "
+                     f"{a['greedy']:>7.1%} {a['safety_diff']:>9.2e} {a['authority_diff']:>9.2e}")
+        lines.append("PASS" if self.passed else "FAIL: " + "; ".join(self.failures))
+        return "\n".join(lines)
+
+
+def kl_divergence(ref_logits: np.ndarray, test_logits: np.ndarray) -> np.ndarray:
+    """KL(p_ref || p_test) per row, in float64."""
+    ref = ref_logits.astype(np.float64)
+    test = test_logits.astype(np.float64)
+    log_p = ref - ref.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    log_q = test - test.max(-1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
+    return (np.exp(log_p) * (log_p - log_q)).sum(-1)
+
+
+def read_prompts(path: str | Path | None) -> list[str]:
+    """A .json list of strings, or a text file with one prompt per line (\\n escapes allowed)."""
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        prompts = json.loads(text)
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{path}: expected a JSON list of strings")
+        return prompts
+    return [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
+
+
+def gguf_file_type(path: Path) -> str:
+    value = field_value(gguf.GGUFReader(path), "general.file_type", path)
+    try:
+        return FILE_TYPE_NAMES[gguf.LlamaFileType(value)]
+    except (ValueError, KeyError):
+        raise ValueError(f"{path}: general.file_type = {value}; parity knows f32, f16, bf16 and q8_0") from None
+
+
+@torch.inference_mode()
+def run_parity(model_dir: str | Path, gguf_path: str | Path, *, prompts: list[str] | None = None,
+               greedy_tokens: int = 64, f32_kv_cache: bool | None = None, tokenizer=None) -> ParityReport:
+    """Compare reference and llama.cpp on each prompt; failures list the thresholds that were missed."""
+    from transformers import AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    file_type = gguf_file_type(gguf_path)
+    thresholds = THRESHOLDS[file_type]
+    f32_kv_cache = (file_type == "f32") if f32_kv_cache is None else f32_kv_cache
+    prompts = prompts if prompts is not None else list(DEFAULT_PROMPTS)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model_dir))
+    model = SO8TTransformerForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    n_ctx = max(256, max(len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts) + greedy_tokens + 8)
+    runtime = SO8TRuntime(gguf_path, n_ctx=n_ctx, f32_kv_cache=f32_kv_cache)
+    stops = set(model.config.eos_token_ids)
+    rows = []
+    for prompt in prompts:
+        ref_tokens = tokenizer(prompt, add_special_tokens=False).input_ids
+        ours = runtime.evaluate(ref_tokens)
+        out = model(torch.tensor([ref_tokens]))
+        ref_logits = out.task_logits[0].numpy()
+        ref_safety = softmax(out.safety_logits[0].numpy())
+        ref_authority = softmax(out.authority_logits[0].numpy())
+        kld = kl_divergence(ref_logits, ours.logits)
+        ref_greedy = model.generate(torch.tensor([ref_tokens]), max_new_tokens=greedy_tokens,
+                                    eos_token_id=stops)[0, len(ref_tokens):].tolist()
+        llama_greedy = runtime.greedy(ref_tokens, len(ref_greedy), stops)
+        matched = next((i for i, (a, b) in enumerate(zip(ref_greedy, llama_greedy)) if a != b),
+                       min(len(ref_greedy), len(llama_greedy)))
+        rows.append(PromptParity(
+            prompt=prompt, tokens=len(ref_tokens), tokens_equal=runtime.tokenize(prompt) == ref_tokens,
+            max_abs_logit=float(np.abs(ref_logits - ours.logits).max()), mean_kld=float(kld.mean()),
+            p99_kld=float(np.percentile(kld, 99)), top1=float((ref_logits.argmax(-1) == ours.logits.argmax(-1)).mean()),
+            greedy_matched=matched, greedy_total=len(ref_greedy),
+            safety_diff=float(np.abs(ref_safety - ours.safety).max()),
+            authority_diff=float(np.abs(ref_authority - ours.authority).max()),
+        ))
+    report = ParityReport(file_type, "F32" if f32_kv_cache else "F16", rows, thresholds)
+    a = report.aggregate()
+    checks = [
+        (a["tokens_equal"], "tokenisation differs"),
+        (thresholds.max_abs_logit is None or a["max_abs_logit"] <= thresholds.max_abs_logit,
+         f"max abs logit diff {a['max_abs_logit']:.2e} > {thresholds.max_abs_logit}"),
+        (a["mean_kld"] <= thresholds.mean_kld, f"mean KLD {a['mean_kld']:.2e} > {thresholds.mean_kld}"),
+        (a["top1"] >= thresholds.top1, f"top-1 agreement {a['top1']:.1%} < {thresholds.top1:.0%}"),
+        (a["greedy"] >= thresholds.greedy, f"greedy agreement {a['greedy']:.1%} < {thresholds.greedy:.0%}"),
+        (max(a["safety_diff"], a["authority_diff"]) <= thresholds.head_prob,
+         f"head probability diff {max(a['safety_diff'], a['authority_diff']):.2e} > {thresholds.head_prob}"),
+    ]
+    report.failures = [message for ok, message in checks if not ok]
+    return report

@@ -1,0 +1,189 @@
+"""Checkpoint IO: sharded and FP8 sources, the SO8T round trip, dtypes, and bad input."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from so8t_export.checkpoint import CheckpointError, CheckpointReader, dequantize_fp8, quantize_fp8
+from so8t_export.config import ConfigError
+from so8t_export.demo import write_tiny_qwen3
+from so8t_export.model import SO8TTransformerForCausalLM
+from so8t_export.triality import RotationError
+
+TOKENS = torch.arange(3, 40).view(1, -1)
+FP8_BLOCK = (48, 40)  # divides none of 64, 128, 256: every tensor has edge blocks
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(TOKENS)
+
+
+def numpy_dequant(weight_fp8: torch.Tensor, scale: torch.Tensor, block) -> np.ndarray:
+    """Independent reference: loop over the blocks in numpy."""
+    w = weight_fp8.to(torch.float32).numpy().astype(np.float64)
+    s = scale.to(torch.float32).numpy().astype(np.float64)
+    out = np.empty_like(w)
+    for i in range(math.ceil(w.shape[0] / block[0])):
+        for j in range(math.ceil(w.shape[1] / block[1])):
+            rows, cols = slice(i * block[0], (i + 1) * block[0]), slice(j * block[1], (j + 1) * block[1])
+            out[rows, cols] = w[rows, cols] * s[i, j]
+    return out.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def fp8_dir(qwen3_dir, tmp_path_factory):
+    """The tiny model shipped the way Qwen ships FP8: e4m3 weights, bf16 weight_scale_inv per block."""
+    out = tmp_path_factory.mktemp("fp8") / "tiny-fp8"
+    shutil.copytree(qwen3_dir, out)
+    state = load_file(str(out / "model.safetensors"))
+    fp8 = {}
+    for name, tensor in state.items():
+        if tensor.ndim == 2 and "embed" not in name:
+            q, scale = quantize_fp8(tensor, FP8_BLOCK)
+            fp8[name], fp8[name.removesuffix(".weight") + ".weight_scale_inv"] = q, scale.to(torch.bfloat16)
+        else:
+            fp8[name] = tensor.to(torch.bfloat16)
+    save_file(fp8, str(out / "model.safetensors"))
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(FP8_BLOCK)}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_fp8_loads_to_the_independent_dequantisation(fp8_dir):
+    reader = CheckpointReader(fp8_dir)
+    raw = load_file(str(fp8_dir / "model.safetensors"))
+    names = [n for n in reader.names() if raw[n].dtype == torch.float8_e4m3fn]
+    assert len(names) == 14  # 7 projections x 2 layers
+    assert "model.layers.0.mlp.up_proj.weight_scale_inv" not in reader.names()
+    for name in names:
+        expected = numpy_dequant(raw[name], raw[name.removesuffix(".weight") + ".weight_scale_inv"], FP8_BLOCK)
+        assert np.array_equal(reader.read(name).numpy(), expected), name
+        # row chunks that straddle blocks give the same values
+        rows = reader.shape(name)[0]
+        chunks = torch.cat(list(reader.iter_rows(name, 37)))
+        assert chunks.shape[0] == rows and np.array_equal(chunks.numpy(), expected)
+
+
+def test_fp8_model_equals_model_from_dequantised_weights(fp8_dir, tmp_path):
+    reader = CheckpointReader(fp8_dir)
+    dense = tmp_path / "dense"
+    shutil.copytree(fp8_dir, dense)
+    save_file({n: reader.read(n) for n in reader.names()}, str(dense / "model.safetensors"))
+    config = json.loads((dense / "config.json").read_text())
+    del config["quantization_config"]
+    (dense / "config.json").write_text(json.dumps(config))
+    a = SO8TTransformerForCausalLM.from_pretrained(fp8_dir, torch_dtype=torch.float32)
+    b = SO8TTransformerForCausalLM.from_pretrained(dense, torch_dtype=torch.float32)
+    assert torch.equal(logits(a).logits, logits(b).logits)
+
+
+def test_dequantize_rejects_a_scale_of_the_wrong_shape():
+    w = torch.zeros(100, 70).to(torch.float8_e4m3fn)
+    with pytest.raises(CheckpointError, match=r"scale_inv shape \(2, 2\); expected \(4, 3\)"):
+        dequantize_fp8(w, torch.ones(2, 2), (32, 32))
+
+
+def test_sharded_and_low_precision_sources(qwen3_dir, tmp_path):
+    single = SO8TTransformerForCausalLM.from_pretrained(qwen3_dir)
+    sharded = SO8TTransformerForCausalLM.from_pretrained(write_tiny_qwen3(tmp_path / "sharded", shards=3))
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) == 3
+    assert torch.equal(logits(single).logits, logits(sharded).logits)
+    for dtype in (torch.bfloat16, torch.float16):
+        folder = write_tiny_qwen3(tmp_path / str(dtype), dtype=dtype)
+        model = SO8TTransformerForCausalLM.from_pretrained(folder)  # "auto": the config's dtype
+        assert model.model.embed_tokens.weight.dtype == dtype
+        assert model.model.triality_rotations.dtype == torch.float32  # rotations never lose precision
+        assert torch.isfinite(logits(model).logits).all()
+
+
+def test_torch_dtype_works_as_in_transformers(qwen3_dir):
+    model = SO8TTransformerForCausalLM.from_pretrained(qwen3_dir, torch_dtype=torch.bfloat16)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert model.task_head.weight is model.model.embed_tokens.weight  # tied
+    assert SO8TTransformerForCausalLM.from_pretrained(qwen3_dir, dtype="float16").task_head.weight.dtype == torch.float16
+    model.float()
+    assert model.model.triality_rotations.dtype == torch.float32
+
+
+def test_save_then_load_round_trips_everything(qwen3_dir, so8t_dir):
+    original = SO8TTransformerForCausalLM.from_pretrained(qwen3_dir)
+    loaded = SO8TTransformerForCausalLM.from_pretrained(so8t_dir)
+    a, b = logits(original), logits(loaded)
+    for key in ("task_logits", "safety_logits", "authority_logits"):
+        assert torch.equal(a[key], b[key]), key
+    assert torch.equal(original.model.triality_rotations, loaded.model.triality_rotations)
+    config = json.loads((so8t_dir / "config.json").read_text())
+    assert config["model_type"] == "so8t" and config["architectures"] == ["SO8TTransformerForCausalLM"]
+    stored = load_file(str(so8t_dir / "model.safetensors"))
+    assert {"model.triality_rotations", "model.cross_head_rotation", "safety_head.weight",
+            "authority_head.bias"} <= set(stored)
+    # nothing is absorbed again: the stored q_proj is what the model holds
+    assert torch.equal(stored["model.layers.0.self_attn.q_proj.weight"], loaded.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_heads_a_qwen3_checkpoint_lacks_are_deterministic(qwen3_dir):
+    a = SO8TTransformerForCausalLM.from_pretrained(qwen3_dir)
+    b = SO8TTransformerForCausalLM.from_pretrained(qwen3_dir)
+    assert torch.equal(a.safety_head.weight, b.safety_head.weight)
+    assert not torch.equal(a.safety_head.weight, a.authority_head.weight)
+    assert a.safety_head.bias.abs().max() == 0
+    assert 0.5 * a.config.initializer_range < a.safety_head.weight.std() < 2 * a.config.initializer_range
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_missing_shard(tmp_path):
+    folder = write_tiny_qwen3(tmp_path / "m", shards=2)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"shard model-00002-of-00002.safetensors is listed .* but missing"):
+        SO8TTransformerForCausalLM.from_pretrained(folder)
+
+
+def test_wrong_tensor_shape(qwen3_dir, tmp_path):
+    folder = tmp_path / "shape"
+    shutil.copytree(qwen3_dir, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state["model.layers.1.self_attn.k_proj.weight"] = state["model.layers.1.self_attn.k_proj.weight"][:64]
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.layers.1.self_attn.k_proj.weight has shape \[64, 64\]; "
+                                              r"expected \[128, 64\]"):
+        SO8TTransformerForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("corruption, message", [
+    (lambda r: r[1].__setitem__((slice(None), 0), -r[1][:, 0]), "spinor_plus rotation has det -1"),
+    (lambda r: r[0].mul_(1.001), "vector rotation is not orthogonal"),
+])
+def test_corrupt_rotation_buffers(so8t_dir, tmp_path, corruption, message):
+    folder = tmp_path / "rot"
+    shutil.copytree(so8t_dir, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    corruption(state["model.triality_rotations"])
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(RotationError, match=message):
+        SO8TTransformerForCausalLM.from_pretrained(folder)
+
+
+def test_head_dim_not_divisible_by_8(tmp_path):
+    with pytest.raises(ConfigError, match=r"config.json: head_dim = 12; expected a multiple of 8"):
+        SO8TTransformerForCausalLM.from_pretrained(write_tiny_qwen3(tmp_path / "hd", head_dim=12))
+
+
+def test_truncated_safetensors_and_pickles(qwen3_dir, tmp_path):
+    folder = tmp_path / "trunc"
+    shutil.copytree(qwen3_dir, folder)
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: truncated safetensors file"):
+        CheckpointReader(folder)
+    path.unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match=r"pickle checkpoints are never loaded"):
+        CheckpointReader(folder)

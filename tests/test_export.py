@@ -1,0 +1,173 @@
+"""GGUF export: metadata schema read back by gguf-py, plain-Qwen3 round trip, CLI, and bad input."""
+
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from so8t_export.cli import main
+from so8t_export.export import ExportError, export_gguf
+from so8t_export.metadata import read_so8t_metadata
+from so8t_export.model import SO8TTransformerForCausalLM
+
+T = gguf.GGUFValueType
+EXPECTED_TYPES = {
+    "general.architecture": T.STRING, "general.name": T.STRING, "general.file_type": T.UINT32,
+    "general.quantization_version": T.UINT32, "qwen3.block_count": T.UINT32, "qwen3.context_length": T.UINT32,
+    "qwen3.embedding_length": T.UINT32, "qwen3.feed_forward_length": T.UINT32, "qwen3.attention.head_count": T.UINT32,
+    "qwen3.attention.head_count_kv": T.UINT32, "qwen3.rope.freq_base": T.FLOAT32,
+    "qwen3.attention.layer_norm_rms_epsilon": T.FLOAT32, "qwen3.attention.key_length": T.UINT32,
+    "qwen3.attention.value_length": T.UINT32, "tokenizer.ggml.model": T.STRING, "tokenizer.ggml.pre": T.STRING,
+    "tokenizer.chat_template": T.STRING, "so8t.version": T.UINT32, "so8t.rotation_dim": T.UINT32,
+    "so8t.rotations_folded": T.BOOL, "so8t.fold.max_abs_error": T.FLOAT32, "so8t.source.sha256": T.STRING,
+}
+EXPECTED_ARRAYS = {
+    "so8t.triality.rotations": (T.FLOAT32, 192), "so8t.triality.q_head_types": (T.INT32, 16),
+    "so8t.triality.kv_head_types": (T.INT32, 8), "so8t.cross_head.rotation": (T.FLOAT32, 64),
+    "so8t.mlp.rotation_types": (T.INT32, 2), "so8t.safety_head.weight": (T.FLOAT32, 128),
+    "so8t.safety_head.bias": (T.FLOAT32, 2), "so8t.safety_head.labels": (T.STRING, 2),
+    "so8t.authority_head.weight": (T.FLOAT32, 128), "so8t.authority_head.bias": (T.FLOAT32, 2),
+    "so8t.authority_head.labels": (T.STRING, 2),
+}
+FLAGS = ("triality_symmetry", "cross_head_interaction", "non_commutative_gates", "vector_representation",
+         "spinor_plus_representation", "spinor_minus_representation")
+
+
+@pytest.fixture(scope="module")
+def f32_file(so8t_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
+    export_gguf(so8t_dir, out, quant="f32")
+    return out
+
+
+def test_every_key_has_the_right_type(f32_file):
+    reader = gguf.GGUFReader(f32_file)
+    for key, vtype in EXPECTED_TYPES.items():
+        assert reader.get_field(key).types == [vtype], key
+    for key, (sub_type, length) in EXPECTED_ARRAYS.items():
+        field = reader.get_field(key)
+        assert field.types == [T.ARRAY, sub_type], key
+        assert len(field.contents()) == length, key
+    for flag in FLAGS:
+        assert reader.get_field(f"so8t.flags.{flag}").types == [T.BOOL]
+    assert reader.get_field("general.architecture").contents() == "qwen3"
+    assert reader.get_field("so8t.safety_head.labels").contents() == ["safe", "unsafe"]
+    assert reader.get_field("so8t.authority_head.labels").contents() == ["handle", "escalate"]
+    assert reader.get_field("so8t.fold.max_abs_error").contents() < 1e-12
+    names = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in names  # tied: llama.cpp reuses token_embd
+    assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in reader.tensors)
+    assert len(names) == 2 + 2 * 11  # token_embd, output_norm, 11 per layer
+
+
+def test_metadata_round_trips_heads_and_rotations(so8t_dir, f32_file):
+    model = SO8TTransformerForCausalLM.from_pretrained(so8t_dir)
+    meta = read_so8t_metadata(gguf.GGUFReader(f32_file), f32_file)
+    assert np.array_equal(meta.rotations, model.model.triality_rotations.numpy())
+    assert np.array_equal(meta.cross_head, model.model.cross_head_rotation.numpy())
+    assert np.array_equal(meta.heads["safety"][0], model.safety_head.weight.detach().numpy())
+    assert np.array_equal(meta.heads["authority"][1], model.authority_head.bias.detach().numpy())
+    assert meta.q_head_types.tolist() == [h % 3 for h in range(16)]
+    assert meta.mlp_rotation_types.tolist() == [0, 1]
+    assert all(meta.flags[f] for f in FLAGS)
+    files = sorted(so8t_dir.glob("*.safetensors"))
+    import hashlib
+    assert meta.source_sha256 == hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+
+
+@pytest.mark.parametrize("quant", ["f32", "bf16"])
+def test_plain_qwen3_folds_back_to_its_own_weights(qwen3_dir, tmp_path, quant):
+    out = tmp_path / f"plain-{quant}.gguf"
+    report = export_gguf(qwen3_dir, out, quant=quant)
+    assert report.source_kind == "qwen3" and report.fold_max_abs_error < 1e-12
+    source = load_file(str(qwen3_dir / "model.safetensors"))
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    for hf, name in [("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight"),
+                     ("model.layers.1.self_attn.v_proj.weight", "blk.1.attn_v.weight"),
+                     ("model.layers.1.mlp.gate_proj.weight", "blk.1.ffn_gate.weight")]:
+        got = gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type).reshape(source[hf].shape)
+        expected = source[hf].float().numpy()
+        if quant == "f32":
+            assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max(), name
+        else:  # bf16: the fold is exact to float64, so the only error is bf16 rounding, bit for bit
+            rounded = gguf.quants.dequantize(gguf.quants.quantize(expected, tensors[name].tensor_type),
+                                             tensors[name].tensor_type)
+            assert np.array_equal(got, rounded), name
+
+
+def test_cli_gguf_and_inspect(so8t_dir, tmp_path):
+    out = tmp_path / "cli.gguf"
+    result = CliRunner().invoke(main, ["gguf", str(so8t_dir), "-o", str(out), "--quant", "q8_0", "--name", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "q8_0" in result.output
+    assert gguf.GGUFReader(out).get_field("general.name").contents() == "tiny"
+    result = CliRunner().invoke(main, ["inspect", str(out)])
+    assert result.exit_code == 0, result.output
+    for text in ("general.architecture = 'qwen3'", "qwen3.attention.key_length = 16", "so8t.version = 1",
+                 "triality_identity", "OK: orthogonal"):
+        assert text in result.output
+    for command in (["--help"], ["gguf", "--help"], ["inspect", "--help"], ["parity", "--help"]):
+        assert CliRunner().invoke(main, command).exit_code == 0
+
+
+def test_inspect_catches_corrupt_rotations(so8t_dir, tmp_path):
+    out = tmp_path / "corrupt.gguf"
+    export_gguf(so8t_dir, out, quant="f32")
+    reader = gguf.GGUFReader(out, "r+")
+    field = reader.get_field("so8t.triality.rotations")
+    field.parts[field.data[0]][0] = np.float32(5.0)
+    reader.data.flush()
+    del reader
+    result = CliRunner().invoke(main, ["inspect", str(out)])
+    assert result.exit_code != 0 and "not orthogonal" in result.output
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def no_leftovers(folder):
+    return not [p for p in folder.iterdir() if p.suffix in (".gguf", ".tmp")]
+
+
+def test_unsupported_quant(so8t_dir, tmp_path):
+    result = CliRunner().invoke(main, ["gguf", str(so8t_dir), "-o", str(tmp_path / "x.gguf"), "--quant", "q4_k"])
+    assert result.exit_code != 0 and "q4_k" in result.output and "q8_0" in result.output
+    with pytest.raises(ExportError, match="--quant 'q4_k' is not supported; expected one of f32, f16, bf16, q8_0"):
+        export_gguf(so8t_dir, tmp_path / "x.gguf", quant="q4_k")
+    assert no_leftovers(tmp_path)
+
+
+def test_output_in_missing_folder(so8t_dir, tmp_path):
+    result = CliRunner().invoke(main, ["gguf", str(so8t_dir), "-o", str(tmp_path / "nope" / "x.gguf")])
+    assert result.exit_code == 1 and "output folder" in result.output and "does not exist" in result.output
+    assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights(qwen3_dir, tmp_path, value):
+    folder = tmp_path / "nan"
+    shutil.copytree(qwen3_dir, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state["model.layers.1.mlp.down_proj.weight"][3, 5] = value
+    save_file(state, str(folder / "model.safetensors"))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = CliRunner().invoke(main, ["gguf", str(folder), "-o", str(out_dir / "x.gguf")])
+    assert result.exit_code == 1
+    assert "model.layers.1.mlp.down_proj.weight has 1 NaN or Inf values" in result.output
+    assert no_leftovers(out_dir)
+
+
+def test_truncated_safetensors(qwen3_dir, tmp_path):
+    folder = tmp_path / "trunc"
+    shutil.copytree(qwen3_dir, folder)
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = CliRunner().invoke(main, ["gguf", str(folder), "-o", str(out_dir / "x.gguf")])
+    assert result.exit_code == 1 and "truncated safetensors file" in result.output
+    assert no_leftovers(out_dir)
