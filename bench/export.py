@@ -105,17 +105,39 @@ def read_files(paths) -> None:
 
 def run_measured(argv: list[str], env=None) -> dict:
     """Run argv as a child; wall seconds, peak RSS (wait4 rusage of that child) and the exit status."""
+    import threading
+
     start = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    peaks = {"RssAnon": 0, "RssFile": 0}
+    stop = threading.Event()
+
+    def sample() -> None:  # split of the RSS: anonymous (heap) vs file-backed (mmapped source/output pages)
+        status_file = f"/proc/{proc.pid}/status"
+        while not stop.is_set():
+            try:
+                for line in open(status_file):
+                    key = line.split(":", 1)[0]
+                    if key in peaks:
+                        peaks[key] = max(peaks[key], int(line.split()[1]))
+            except (OSError, ValueError, IndexError):
+                pass
+            stop.wait(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     out_chunks = []
     for line in proc.stdout:  # drain so the child never blocks on a full pipe
         out_chunks.append(line)
+    stop.set()
+    sampler.join()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     subprocess.run(["sync"], check=True)
     synced = time.perf_counter() - start
     return {"wall": wall, "wall_sync": synced, "rss_mb": usage.ru_maxrss / 1024, "rc": proc.returncode,
+            "anon_mb": peaks["RssAnon"] / 1024, "file_mb": peaks["RssFile"] / 1024,
             "output": b"".join(out_chunks).decode(errors="replace")}
 
 
@@ -170,10 +192,12 @@ def export_table(fp8_dir: Path, llama_dir: Path, out_dir: Path, quants: list[str
 
 
 def print_table(results: list[dict]) -> str:
-    lines = [f"{'command':<38} {'wall s':>8} {'+sync s':>8} {'peak RSS MB':>12} {'output GB':>10} {'load':>6}"]
+    lines = [f"{'command':<38} {'wall s':>8} {'+sync s':>8} {'peak RSS MB':>12} {'anon MB':>8} {'file MB':>8} "
+             f"{'output GB':>10} {'load':>6}"]
     for r in results:
         status = "" if r["rc"] == 0 else f"  FAILED rc={r['rc']}"
         lines.append(f"{r['label']:<38} {r['wall']:>8.1f} {r['wall_sync']:>8.1f} {r['rss_mb']:>12.0f} "
+                     f"{r.get('anon_mb', float('nan')):>8.0f} {r.get('file_mb', float('nan')):>8.0f} "
                      f"{r['size_gb']:>10.3f} {r['load_before']:>6.2f}{status}")
     lines.append("")
     lines.append("ratios ours/converter")
@@ -183,6 +207,7 @@ def print_table(results: list[dict]) -> str:
         if a and b and a["rc"] == 0 and b["rc"] == 0:
             lines.append(f"  {quant:<6} wall {a['wall'] / b['wall']:.3f}  wall+sync {a['wall_sync'] / b['wall_sync']:.3f}"
                          f"  peak RSS {a['rss_mb'] / b['rss_mb']:.3f}  size {a['size_gb'] / b['size_gb']:.4f}")
+    lines.append("peak RSS = ru_maxrss (wait4); anon/file MB = peaks of RssAnon/RssFile sampled every 0.1 s")
     lines.append("load = 1-min load average just before the command (2 cores; >2 means other work was running)")
     if not all(r["dropped"] for r in results):
         lines.append("note: page cache could not be dropped; the source was only pre-read before each command")
@@ -283,7 +308,7 @@ def decode(ggufs: dict[str, Path], n_decode: int = 32, repeats: int = 3, n_threa
         for label, llm in llms.items():
             speeds[label].append(one_run(llm))
     lines = [f"decode: {len(prompt)}-token prompt, {n_decode} greedy tokens, n_threads={n_threads}, "
-             f"median of {repeats} interleaved runs, load average before {os.getloadavg()[0]:.2f}",
+             f"median of {repeats} interleaved runs, load average at end {os.getloadavg()[0]:.2f}",
              f"{'file':<18} {'tok/s (median)':>15} {'runs':>30}"]
     for label, s in speeds.items():
         lines.append(f"{label:<18} {statistics.median(s):>15.3f} {', '.join(f'{x:.3f}' for x in s):>30}")
