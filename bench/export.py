@@ -263,7 +263,7 @@ def parity(fp8_dir: Path, ggufs: dict[str, Path]) -> str:
         kld = (np.exp(lp_ref) * (lp_ref - lp)).sum(-1)
         top1 = float((ref.argmax(-1) == got.argmax(-1)).mean())
         lines.append(f"{label:<18} {np.abs(ref - got).max():>12.4f} {kld.mean():>10.6f} {kld.max():>10.6f} "
-                     f"{top1:>8.3f} {str(same):>12}")
+                     f"{top1:>8.3f} {same!s:>12}")
     text = "\n".join(lines)
     log(text)
     return text
@@ -272,7 +272,6 @@ def parity(fp8_dir: Path, ggufs: dict[str, Path]) -> str:
 # ----------------------------------------------------------------------------------------------- decode
 
 def decode(ggufs: dict[str, Path], n_decode: int = 32, repeats: int = 3, n_threads: int = 2) -> str:
-    import ctypes
     import types
 
     import gguf

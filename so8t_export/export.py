@@ -9,10 +9,15 @@ The file is written under a temporary name and renamed at the end, so a failed r
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 import os
 import threading
 import time
+import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +27,7 @@ import torch
 
 from .checkpoint import CheckpointReader
 from .config import MODEL_TYPE, SO8TConfig
-from .fold import fold_error, fold_weight, role, unfold_weight
+from .fold import absorbed_error, fold_error, fold_weight, role
 from .gguf_tokenizer import add_tokenizer
 from .loading import rotations_and_heads
 from .metadata import FOLD_ERROR_KEY, SOURCE_HASH_KEY, add_so8t_metadata, so8t_entries
@@ -31,7 +36,12 @@ from .rotation import RotationPlan, plan_rotations
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3]
 CHUNK_ELEMENTS = 1 << 24  # rows per chunk keep a float32 chunk near 64 MiB
-FOLD_TOLERANCE = 1e-9  # relative to the projection's magnitude; a real fold error is 1e-16 in float64
+LOOKAHEAD = 2  # encoded chunks computed ahead of the writer
+# Relative to the projection's magnitude. Folding an SO8T tensor is exact to float64 rounding (~1e-16); the
+# absorbed check of a Qwen3 source is bounded by the float32 rotation buffers, orthogonal to ~1e-7. A wrong
+# fold (a transposed rotation, a wrong head type) is off by O(1).
+FOLD_TOLERANCE = 1e-9
+ABSORB_TOLERANCE = 1e-6
 PROBE_ROWS = 4
 _HASH_PLACEHOLDER = "0" * 64
 
@@ -82,7 +92,7 @@ def gguf_name(name: str, num_layers: int) -> str:
 
 def output_type(name: str, shape: tuple[int, ...], quant: str) -> gguf.GGMLQuantizationType:
     """Norms and other 1-D tensors stay F32, as llama.cpp's converter keeps them."""
-    if len(shape) == 1 or name.endswith("_norm.weight") or name.endswith("norm.weight"):
+    if len(shape) == 1 or name.endswith("norm.weight"):
         return gguf.GGMLQuantizationType.F32
     return OUTPUT_TYPES[quant]
 
@@ -109,60 +119,90 @@ def plan_tensors(reader: CheckpointReader, config: SO8TConfig, quant: str) -> tu
 
 
 # ---------------------------------------------------------------------------------------------- folding
+def row_chunks(job: TensorJob, whole: bool) -> list[slice | None]:
+    """Row ranges a job is processed in: about CHUNK_ELEMENTS each, or the whole tensor (None)."""
+    if whole or len(job.shape) != 2 or job.shape[0] * job.shape[1] <= CHUNK_ELEMENTS:
+        return [None]
+    rows = max(1, CHUNK_ELEMENTS // job.shape[1])
+    return [slice(start, min(start + rows, job.shape[0])) for start in range(0, job.shape[0], rows)]
+
+
 class FoldedTensors:
-    """Stock Qwen3 weights from an SO8T or Qwen3 checkpoint, a chunk at a time, each fold checked."""
+    """Stock Qwen3 weights from an SO8T or Qwen3 checkpoint, one row chunk at a time, each fold checked."""
 
     def __init__(self, reader: CheckpointReader, plan: RotationPlan, is_so8t: bool):
         self.reader, self.plan, self.is_so8t = reader, plan, is_so8t
         self.max_error = 0.0
-        self._probe_gen = torch.Generator().manual_seed(0)
+        self._lock = threading.Lock()
 
-    def chunks(self, job: TensorJob) -> Iterator[torch.Tensor]:
-        r = role(job.source)
-        if r.side == "rows":  # q/k/v mixes rows across heads: fold the tensor whole (at most ~40 MiB)
-            yield self._fold(job, self.reader.read(job.source, torch.float64)).float()
-            return
-        rows = max(1, CHUNK_ELEMENTS // max(1, job.shape[-1])) if len(job.shape) == 2 else None
-        if rows is None or rows >= job.shape[0]:
-            weight = self.reader.read(job.source, torch.float64 if r.side == "columns" else torch.float32)
-            yield self._fold(job, weight).float()
-            return
-        dtype = torch.float64 if r.side == "columns" else torch.float32
-        for chunk in self.reader.iter_rows(job.source, rows, dtype):
-            yield self._fold(job, chunk).float()
+    def chunks(self, job: TensorJob) -> list[slice | None]:
+        # An SO8T q/k/v fold mixes rows across heads, so it needs the whole tensor (at most ~40 MiB);
+        # gate/up rotate within rows, and a Qwen3 source is written as it is.
+        return row_chunks(job, whole=self.is_so8t and role(job.source).side == "rows")
 
-    def _fold(self, job: TensorJob, weight: torch.Tensor) -> torch.Tensor:
-        if not torch.isfinite(weight).all():
+    def encode(self, job: TensorJob, rows: slice | None) -> np.ndarray:
+        """Read, dequantise, check, fold and quantise one chunk."""
+        side = role(job.source).side
+        fold_here = self.is_so8t and side != "none"
+        weight = self.reader.read(job.source, torch.float64 if fold_here else torch.float32, rows)
+        low, high = torch.aminmax(weight)  # propagates NaN: one fast pass instead of isfinite().all()
+        if not (math.isfinite(low.item()) and math.isfinite(high.item())):
             bad = int((~torch.isfinite(weight)).sum())
             raise ExportError(f"{self.reader.model_dir}: tensor {job.source} has {bad} NaN or Inf values; "
                               "expected finite weights")
-        if role(job.source).side == "none":
-            return weight
-        # A Qwen3 source is loaded the way from_pretrained loads it (absorb the inverse rotations into SO8T
-        # weights), then folded back: the result is the source to float64 rounding.
-        so8t_weight = weight if self.is_so8t else unfold_weight(job.source, weight, self.plan)
-        folded = fold_weight(job.source, so8t_weight, self.plan)
-        probe = torch.randn(PROBE_ROWS, weight.shape[-1], generator=self._probe_gen, dtype=torch.float64)
-        error = fold_error(job.source, so8t_weight, folded, self.plan, probe)
-        scale = (probe @ folded.T).abs().max().item()
-        if error > FOLD_TOLERANCE * max(1.0, scale):
+        if side != "none":
+            weight = self._fold(job, weight, rows)
+        return quantize(weight.float() if weight.dtype != torch.float32 else weight, job.qtype)
+
+    def _fold(self, job: TensorJob, weight: torch.Tensor, rows: slice | None) -> torch.Tensor:
+        # The probe depends only on the tensor and chunk, so results do not depend on thread timing.
+        seed = zlib.crc32(f"{job.source}:{rows.start if rows else 0}".encode())
+        probe = torch.randn(PROBE_ROWS, weight.shape[-1], generator=torch.Generator().manual_seed(seed),
+                            dtype=torch.float64)
+        if self.is_so8t:
+            folded = fold_weight(job.source, weight, self.plan)
+            error = fold_error(job.source, weight, folded, self.plan, probe)
+            scale = (probe @ folded.T).abs().max().item()
+            tolerance = FOLD_TOLERANCE * max(1.0, scale)
+        else:
+            # A Qwen3 source loads into SO8T by absorbing the inverse rotations and folds straight back:
+            # fold(unfold(W)) = W, so W is written as it is and the probe checks the absorbed model.
+            folded = weight
+            error = absorbed_error(job.source, weight.double(), self.plan, probe)
+            scale = (probe @ weight.double().T).abs().max().item()
+            tolerance = ABSORB_TOLERANCE * max(1.0, scale)
+        if error > tolerance:
             raise ExportError(f"fold check failed for {job.source}: max abs error {error:.3e} against the SO8T "
-                              f"projection (tolerance {FOLD_TOLERANCE * max(1.0, scale):.1e})")
-        self.max_error = max(self.max_error, error)
+                              f"projection (tolerance {tolerance:.1e})")
+        with self._lock:
+            self.max_error = max(self.max_error, error)
         return folded
 
 
-class _StreamedTensor:
-    """Duck-types the ndarray that GGUFWriter.write_tensor_data writes, producing bytes chunk by chunk."""
+def encoded_stream(folded: FoldedTensors, jobs: list[TensorJob]) -> Iterator[np.ndarray]:
+    """Encoded chunks of every job, in file order, computed LOOKAHEAD chunks ahead on a worker thread while
+    the caller writes: torch and numpy release the GIL, so encoding and disk writes overlap."""
+    work = [(job, rows) for job in jobs for rows in folded.chunks(job)]
+    with ThreadPoolExecutor(1, thread_name_prefix="so8t-encode") as pool:
+        pending: deque = deque()
+        for job, rows in work:
+            pending.append(pool.submit(folded.encode, job, rows))
+            if len(pending) > LOOKAHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
-    def __init__(self, job: TensorJob, chunks: Iterator[torch.Tensor], on_bytes: Callable[[int], None]):
+
+class _StreamedTensor:
+    """Duck-types the ndarray that GGUFWriter.write_tensor_data writes, writing a job's chunks in turn."""
+
+    def __init__(self, job: TensorJob, chunks: Iterator[np.ndarray], on_bytes: Callable[[int], None]):
         self.job, self._chunks, self._on_bytes = job, chunks, on_bytes
         self.nbytes = job.nbytes
 
     def tofile(self, fout) -> None:
         written = 0
-        for chunk in self._chunks:
-            data = quantize(chunk, self.job.qtype)
+        for data in self._chunks:
             data.tofile(fout)
             written += data.nbytes
             self._on_bytes(data.nbytes)
@@ -258,6 +298,7 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, *, quan
         writer.write_ti_data_to_file()
 
         folded = FoldedTensors(reader, plan, is_so8t)
+        stream = encoded_stream(folded, jobs)
         done = 0
         for job in jobs:
             def advance(n: int, job=job) -> None:
@@ -265,8 +306,9 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, *, quan
                 done += n
                 if progress:
                     progress(done, total, job.target)
-            writer.write_tensor_data(_StreamedTensor(job, folded.chunks(job), advance),
-                                     tensor_endianess=gguf.GGUFEndian.LITTLE)
+            chunks = itertools.islice(stream, len(folded.chunks(job)))
+            writer.write_tensor_data(_StreamedTensor(job, chunks, advance), tensor_endianess=gguf.GGUFEndian.LITTLE)
+        stream.close()
         writer.close()
         hasher.join()
         if hasher.error:

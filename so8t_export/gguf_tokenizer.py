@@ -48,9 +48,7 @@ __all__ = ["QWEN2_PRETOKENIZE_REGEX", "TokenizerError", "add_tokenizer", "does_t
 
 # transformers models/qwen2/tokenization_qwen2.py PRETOKENIZE_REGEX == the regex in Qwen3's tokenizer.json ==
 # the "original regex from tokenizer.json" comment of llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2.
-QWEN2_PRETOKENIZE_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+QWEN2_PRETOKENIZE_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 # SpecialVocab's default special_token_types, in its order (the order of the written keys follows it).
 _SPECIAL_TOKEN_TYPES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
@@ -128,12 +126,17 @@ def _check_qwen2_bpe(path: Path, tokenizer: Any) -> None:
     if model.get("type") != "BPE":
         raise TokenizerError(f"{path}: key 'model.type': expected 'BPE', found {model.get('type')!r}")
     if model.get("byte_fallback", False):
-        raise TokenizerError(f"{path}: key 'model.byte_fallback': expected false (byte-level BPE), found true")
+        raise TokenizerError(
+            f"{path}: key 'model.byte_fallback': expected false (byte-level BPE), found true"
+        )
     if not isinstance(model.get("vocab"), dict):
-        raise TokenizerError(f"{path}: key 'model.vocab': expected an object, found {_describe(model.get('vocab'))}")
-    decoder = tokenizer.get("decoder") or {}
-    if decoder.get("type") != "ByteLevel":
-        raise TokenizerError(f"{path}: key 'decoder.type': expected 'ByteLevel', found {decoder.get('type')!r}")
+        raise TokenizerError(
+            f"{path}: key 'model.vocab': expected an object, found {_describe(model.get('vocab'))}"
+        )
+    decoder = tokenizer.get("decoder")
+    decoder_type = decoder.get("type") if isinstance(decoder, dict) else decoder
+    if decoder_type != "ByteLevel":
+        raise TokenizerError(f"{path}: key 'decoder.type': expected 'ByteLevel', found {decoder_type!r}")
 
     pre = tokenizer.get("pre_tokenizer")
     expected = (
@@ -141,7 +144,7 @@ def _check_qwen2_bpe(path: Path, tokenizer: Any) -> None:
         "ByteLevel(add_prefix_space=false, use_regex=false)]"
     )
     steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else None
-    ok = isinstance(steps, list) and len(steps) == 2
+    ok = isinstance(steps, list) and len(steps) == 2 and all(isinstance(step, dict) for step in steps)
     if ok:
         split, byte_level = steps
         ok = (
@@ -159,7 +162,7 @@ def _check_qwen2_bpe(path: Path, tokenizer: Any) -> None:
             f"(llama.cpp tokenizer.ggml.pre = 'qwen2'), found {_describe(pre)}"
         )
     normalizer = tokenizer.get("normalizer")
-    if normalizer is not None and normalizer.get("type") != "NFC":
+    if normalizer is not None and (not isinstance(normalizer, dict) or normalizer.get("type") != "NFC"):
         raise TokenizerError(
             f"{path}: key 'normalizer': expected null or {{'type': 'NFC'}} (Qwen2), found {_describe(normalizer)}"
         )
@@ -180,7 +183,11 @@ def _token_list(path: Path, tokenizer: dict, vocab_size: int) -> tuple[list[str]
     added = tokenizer.get("added_tokens") or []
     added_by_id: dict[int, dict] = {}
     for i, at in enumerate(added):
-        if not isinstance(at, dict) or not isinstance(at.get("id"), int) or not isinstance(at.get("content"), str):
+        if (
+            not isinstance(at, dict)
+            or not isinstance(at.get("id"), int)
+            or not isinstance(at.get("content"), str)
+        ):
             raise TokenizerError(
                 f"{path}: key 'added_tokens[{i}]': expected an object with int 'id' and str 'content', "
                 f"found {_describe(at)}"
@@ -195,7 +202,9 @@ def _token_list(path: Path, tokenizer: dict, vocab_size: int) -> tuple[list[str]
     ids = list(vocab.values())
     if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids):
         bad = next(t for t, i in vocab.items() if not isinstance(i, int) or isinstance(i, bool) or i < 0)
-        raise TokenizerError(f"{path}: key 'model.vocab': expected non-negative int ids, found {bad!r}: {vocab[bad]!r}")
+        raise TokenizerError(
+            f"{path}: key 'model.vocab': expected non-negative int ids, found {bad!r}: {vocab[bad]!r}"
+        )
     max_id = max(ids, default=-1)
     if max_id >= vocab_size:
         raise TokenizerError(
@@ -268,7 +277,9 @@ def _special_token_ids(tokenizer: dict, tokenizer_config: dict | None, model_dir
         if not isinstance(tid, int):
             return
         if tid < 0:
-            raise TokenizerError(f"invalid value for special token type {typ}: {tid} (expected a non-negative id)")
+            raise TokenizerError(
+                f"invalid value for special token type {typ}: {tid} (expected a non-negative id)"
+            )
         ids.setdefault(typ, tid)
 
     added = tokenizer.get("added_tokens") or []
@@ -310,7 +321,9 @@ def _add_special_flags(tokenizer_config: dict | None) -> dict[str, bool]:
     return flags
 
 
-def _chat_template(tokenizer_config: dict | None, model_dir: Path, cfg_path: Path) -> str | list[dict[str, str]] | None:
+def _chat_template(
+    tokenizer_config: dict | None, model_dir: Path, cfg_path: Path
+) -> str | list[dict[str, str]] | None:
     """SpecialVocab's chat template resolution (see module docstring)."""
     if not tokenizer_config:
         return None

@@ -23,8 +23,8 @@ DEFAULT_PROMPTS = [
     "东京は日本の首都です。北京是中国的首都。서울은 한국의 수도입니다.",
     "Emoji check: 🚀🔥 café naïve — “quotes” and 😀👍🏽!",
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\nprint([fib(i) for i in range(10)])",
-    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nIs 17 prime?<|im_end|>\n"
-    "<|im_start|>assistant\n<think>\n",
+    ("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nIs 17 prime?<|im_end|>\n"
+     "<|im_start|>assistant\n<think>\n"),
 ]
 
 

@@ -21,6 +21,7 @@ OpenMP's barrier after every op then waits for a descheduled worker, thousands o
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from gguf.quants import QuantError as _GgufQuantError
 
-__all__ = ["OUTPUT_TYPES", "FILE_TYPES", "QuantError", "quantize", "quantized_nbytes", "resolve_qtype"]
+__all__ = ["FILE_TYPES", "OUTPUT_TYPES", "QuantError", "quantize", "quantized_nbytes", "resolve_qtype"]
 
 _T = gguf.GGMLQuantizationType
 
@@ -55,9 +56,10 @@ FILE_TYPES: dict[str, gguf.LlamaFileType] = {
 _PIECE = 32768 - 32
 _PIECES_PER_WORKER = 4  # more tasks than threads, so a descheduled thread does not hold up the others
 
-# Largest float32 below 0.5. trunc(a + _HALF_DOWN) == roundf(a) (round half away from zero) for every float32
-# 0 <= a < 2**22; plain 0.5 fails for a = 0.49999997, whose sum with 0.5 rounds (to even) up to 1.0.
-# Checked exhaustively over all float32 in [-128, 128] with the exact op sequence of _q8_0_pieces.
+# Largest float32 below 0.5. trunc(a + _HALF_DOWN) == roundf(a) (round half away from zero) for float32 a >= 0
+# in Q8_0's range (|x*id| <= 127.00003 in every well-defined block); plain 0.5 fails for a = 0.49999997,
+# whose sum with 0.5 rounds (to even) up to 1.0. Checked exhaustively for all float32 in [-128, 128] with the
+# op sequence of pass 2 of _to_q8_0 (abs, + _HALF_DOWN, copysign, int8 cast) against gguf-py's np_roundf.
 _HALF_DOWN = float(np.nextafter(np.float32(0.5), np.float32(0.0)))
 
 # Smallest normal float32. A non-zero Q8_0 scale d below it makes 1/d inexact or infinite, so x*id can leave
@@ -80,7 +82,9 @@ def resolve_qtype(qtype: gguf.GGMLQuantizationType | str) -> gguf.GGMLQuantizati
         try:
             return OUTPUT_TYPES[qtype.lower()]
         except KeyError:
-            raise QuantError(f"unknown output type {qtype!r}; expected one of {sorted(OUTPUT_TYPES)}") from None
+            raise QuantError(
+                f"unknown output type {qtype!r}; expected one of {sorted(OUTPUT_TYPES)}"
+            ) from None
     qtype = _T(qtype)
     if qtype not in OUTPUT_TYPES.values():
         raise QuantError(f"output type {qtype.name} is not supported; expected one of {sorted(OUTPUT_TYPES)}")
@@ -144,17 +148,19 @@ def quantize(x: torch.Tensor, qtype: gguf.GGMLQuantizationType | str) -> np.ndar
 
 def _run_pieces(n_pieces: int, work: Callable[[int, int], None]) -> None:
     """Call ``work(lo, hi)`` on consecutive ranges covering pieces 0..n_pieces-1, on a small thread pool."""
-    workers = min(torch.get_num_threads(), os.cpu_count() or 1, n_pieces)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(torch.get_num_threads(), cores, n_pieces)
     if workers <= 1:
         work(0, n_pieces)
         return
     bounds = np.linspace(0, n_pieces, min(n_pieces, workers * _PIECES_PER_WORKER) + 1).astype(int).tolist()
     with ThreadPoolExecutor(workers, thread_name_prefix="so8t-quants") as pool:
-        for f in [pool.submit(work, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+        for f in [pool.submit(work, lo, hi) for lo, hi in itertools.pairwise(bounds)]:
             f.result()  # re-raises a worker's exception
 
 
 # --------------------------------------------------------------------------------------- F16 / BF16
+
 
 def _to_f16(x: torch.Tensor, out: np.ndarray) -> None:
     """numpy ``x.astype(np.float16)`` of 1-D float32 ``x``, as bits into uint16 ``out``.
@@ -164,9 +170,12 @@ def _to_f16(x: torch.Tensor, out: np.ndarray) -> None:
     elements are redone by numpy itself.
     """
     if not _torch_f16_matches_numpy():
-        out[:] = x.numpy().astype(np.float16).view(np.uint16)
+        with np.errstate(over="ignore"):  # |x| > 65504 -> inf is the defined result
+            out[:] = x.numpy().astype(np.float16).view(np.uint16)
         return
-    _convert(x, torch.from_numpy(out).view(torch.float16), out, lambda src: src.astype(np.float16).view(np.uint16))
+    _convert(
+        x, torch.from_numpy(out).view(torch.float16), out, lambda src: src.astype(np.float16).view(np.uint16)
+    )
 
 
 def _to_bf16(x: torch.Tensor, out: np.ndarray) -> None:
@@ -194,7 +203,9 @@ def _to_bf16(x: torch.Tensor, out: np.ndarray) -> None:
     _convert(x, out_t.view(torch.bfloat16), out, fix_nan)
 
 
-def _convert(x: torch.Tensor, out_t: torch.Tensor, out: np.ndarray, fix_nan: Callable[[np.ndarray], np.ndarray]) -> None:
+def _convert(
+    x: torch.Tensor, out_t: torch.Tensor, out: np.ndarray, fix_nan: Callable[[np.ndarray], np.ndarray]
+) -> None:
     """out_t[:] = x by torch's dtype cast, then out[i] = fix_nan(x[i]) wherever x[i] is NaN.
 
     ``out_t`` (float16/bfloat16) and the uint16 array ``out`` share memory. Only a piece whose sum is not
@@ -232,8 +243,10 @@ def _probe_bits() -> np.ndarray:
     """Every sign/exponent/high-mantissa pattern with the low bits that decide fp16 (13 dropped bits) and
     bf16 (16 dropped bits) rounding: ties, one ulp either side, all-ones."""
     hi = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)
-    lo = np.array([0, 1, 0x0FFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x3000, 0x7FFF, 0x8000, 0x8001, 0xFFFF],
-                  dtype=np.uint32)
+    lo = np.array(
+        [0, 1, 0x0FFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x3000, 0x7FFF, 0x8000, 0x8001, 0xFFFF],
+        dtype=np.uint32,
+    )
     return (hi[:, None] | lo[None, :]).ravel()
 
 
@@ -259,6 +272,7 @@ def _torch_bf16_matches_ggml() -> bool:
 
 
 # -------------------------------------------------------------------------------------------- Q8_0
+
 
 def _to_q8_0(blocks: torch.Tensor, out: np.ndarray) -> None:
     """quantize_row_q8_0_ref of (n_blocks, 32) float32 ``blocks`` into (n_blocks, 34) uint8 ``out``.

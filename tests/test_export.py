@@ -1,12 +1,10 @@
 """GGUF export: metadata schema read back by gguf-py, plain-Qwen3 round trip, CLI, and bad input."""
 
-import json
 import shutil
 
 import gguf
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
@@ -84,7 +82,8 @@ def test_metadata_round_trips_heads_and_rotations(so8t_dir, f32_file):
 def test_plain_qwen3_folds_back_to_its_own_weights(qwen3_dir, tmp_path, quant):
     out = tmp_path / f"plain-{quant}.gguf"
     report = export_gguf(qwen3_dir, out, quant=quant)
-    assert report.source_kind == "qwen3" and report.fold_max_abs_error < 1e-12
+    # bounded by the float32 rotation buffers (orthogonal to ~1e-7), checked on the absorbed SO8T model
+    assert report.source_kind == "qwen3" and report.fold_max_abs_error < 1e-5
     source = load_file(str(qwen3_dir / "model.safetensors"))
     tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
     for hf, name in [("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight"),
@@ -93,8 +92,8 @@ def test_plain_qwen3_folds_back_to_its_own_weights(qwen3_dir, tmp_path, quant):
         got = gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type).reshape(source[hf].shape)
         expected = source[hf].float().numpy()
         if quant == "f32":
-            assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max(), name
-        else:  # bf16: the fold is exact to float64, so the only error is bf16 rounding, bit for bit
+            assert np.array_equal(got, expected), name
+        else:  # bf16: fold(unfold(W)) = W, so the only difference is bf16 rounding, bit for bit
             rounded = gguf.quants.dequantize(gguf.quants.quantize(expected, tensors[name].tensor_type),
                                              tensors[name].tensor_type)
             assert np.array_equal(got, rounded), name

@@ -71,3 +71,20 @@ def test_round_trip_precision(dtype):
     name = "model.layers.0.self_attn.q_proj.weight"
     back = fold_weight(name, unfold_weight(name, w, p), p)
     assert (back - w).abs().max() < (1e-13 if dtype == torch.float64 else 1e-5)
+
+
+def test_plain_qwen3_loaded_into_so8t_folds_back_to_its_weights(qwen3_dir):
+    """The model path: from_pretrained absorbs the inverse rotations; fold_weight undoes it."""
+    from safetensors.torch import load_file
+
+    from so8t_export.model import SO8TTransformerForCausalLM
+
+    model = SO8TTransformerForCausalLM.from_pretrained(qwen3_dir, torch_dtype=torch.float64)
+    p = model.model.rotation_plan().to(torch.float64)
+    source = load_file(str(qwen3_dir / "model.safetensors"))
+    state = model.state_dict()
+    for name in [n for n in source if role(n).side != "none"]:
+        back = fold_weight(name, state[name], p)
+        # the float32 rotation buffers are orthogonal to ~1e-7, which bounds the round trip
+        assert (back - source[name].double()).abs().max() <= 1e-6 * source[name].abs().max(), name
+        assert (state[name] - source[name].double()).abs().max() > 1e-2  # the absorbed weights really differ

@@ -24,7 +24,8 @@ def test_greedy_equals_transformers_for_32_tokens(qwen3_dir):
 def test_sampling_is_seeded_and_stops(qwen3_dir):
     model = SO8TTransformerForCausalLM.from_pretrained(qwen3_dir)
     prompt = torch.tensor([[5, 6, 7, 8]])
-    kwargs = dict(max_new_tokens=16, do_sample=True, temperature=0.8, top_p=0.9, top_k=20, eos_token_id=[])
+    kwargs = {"max_new_tokens": 16, "do_sample": True, "temperature": 0.8, "top_p": 0.9, "top_k": 20,
+              "eos_token_id": []}
     a = model.generate(prompt, seed=1, **kwargs)
     assert torch.equal(a, model.generate(prompt, seed=1, **kwargs))
     greedy = model.generate(prompt, max_new_tokens=16, eos_token_id=[])

@@ -9,14 +9,18 @@ template. Both writers get the same dummy tensor, so the two GGUF files must be 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 
-from so8t_export.gguf_tokenizer import QWEN2_PRETOKENIZE_REGEX, TokenizerError, add_tokenizer, does_token_look_special
+from so8t_export.gguf_tokenizer import (
+    QWEN2_PRETOKENIZE_REGEX,
+    TokenizerError,
+    add_tokenizer,
+    does_token_look_special,
+)
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -42,15 +46,22 @@ def _train(n_merges: int = 120):
 
     tok = Tokenizer(BPE(dropout=None, unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = BpeTrainer(vocab_size=len(alphabet) + n_merges, min_frequency=2, show_progress=False,
-                         initial_alphabet=alphabet, special_tokens=[])
+    trainer = BpeTrainer(
+        vocab_size=len(alphabet) + n_merges,
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=alphabet,
+        special_tokens=[],
+    )
     tok.train_from_iterator(CORPUS, trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in PLAIN])
@@ -62,8 +73,14 @@ def tokenizer_json() -> dict:
     return json.loads(_train().to_str())
 
 
-def _write_dir(d: Path, tj: dict, *, merges_format: str = "pairs", chat_template_in_config: bool = True,
-               tokenizer_config: dict | None = None) -> Path:
+def _write_dir(
+    d: Path,
+    tj: dict,
+    *,
+    merges_format: str = "pairs",
+    chat_template_in_config: bool = True,
+    tokenizer_config: dict | None = None,
+) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     tj = json.loads(json.dumps(tj))
     merges = tj["model"]["merges"]
@@ -77,7 +94,9 @@ def _write_dir(d: Path, tj: dict, *, merges_format: str = "pairs", chat_template
             "add_bos_token": False,
             "add_prefix_space": False,
             "added_tokens_decoder": {
-                str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+                str(a["id"]): {
+                    k: a[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+                }
                 for a in tj["added_tokens"]
             },
             "additional_special_tokens": SPECIAL[1:],
@@ -93,14 +112,23 @@ def _write_dir(d: Path, tj: dict, *, merges_format: str = "pairs", chat_template
         }
         if chat_template_in_config:
             tokenizer_config["chat_template"] = CHAT_TEMPLATE
-    (d / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, ensure_ascii=False), encoding="utf-8")
+    (d / "tokenizer_config.json").write_text(
+        json.dumps(tokenizer_config, ensure_ascii=False), encoding="utf-8"
+    )
     endoftext = next(a["id"] for a in tj["added_tokens"] if a["content"] == "<|endoftext|>")
     im_end = next(a["id"] for a in tj["added_tokens"] if a["content"] == "<|im_end|>")
     # Qwen3 config.json: bos_token_id = <|endoftext|>, eos_token_id = <|im_end|>.
-    (d / "config.json").write_text(json.dumps({
-        "architectures": ["Qwen3ForCausalLM"], "vocab_size": VOCAB_SIZE,
-        "bos_token_id": endoftext, "eos_token_id": im_end,
-    }), encoding="utf-8")
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["Qwen3ForCausalLM"],
+                "vocab_size": VOCAB_SIZE,
+                "bos_token_id": endoftext,
+                "eos_token_id": im_end,
+            }
+        ),
+        encoding="utf-8",
+    )
     return d
 
 
@@ -180,9 +208,16 @@ def test_every_key_value_and_type(tmp_path, tokenizer_json):
     assert max(added.values()) == n_tok - 1 < VOCAB_SIZE
 
     assert list(f) == [
-        "general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
-        "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.eos_token_id",
-        "tokenizer.ggml.padding_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.add_bos_token",
+        "general.architecture",
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.add_bos_token",
         "tokenizer.chat_template",
     ]
     assert f["tokenizer.ggml.model"] == ([V.STRING], "gpt2")
@@ -208,15 +243,19 @@ def test_every_key_value_and_type(tmp_path, tokenizer_json):
 
     assert f["tokenizer.ggml.eos_token_id"] == ([V.UINT32], added["<|im_end|>"])  # tokenizer_config eos_token
     assert f["tokenizer.ggml.padding_token_id"] == ([V.UINT32], added["<|endoftext|>"])  # pad_token
-    assert f["tokenizer.ggml.bos_token_id"] == ([V.UINT32], added["<|endoftext|>"])  # config.json bos_token_id
+    assert f["tokenizer.ggml.bos_token_id"] == (
+        [V.UINT32],
+        added["<|endoftext|>"],
+    )  # config.json bos_token_id
     assert f["tokenizer.ggml.add_bos_token"] == ([V.BOOL], False)
     assert f["tokenizer.chat_template"] == ([V.STRING], CHAT_TEMPLATE)
 
 
 def test_pair_merges_with_spaces_are_encoded_like_special_vocab(tmp_path, tokenizer_json):
     tj = json.loads(json.dumps(tokenizer_json))
-    tj["model"]["merges"] = [["a b", "c"], ["d", " e"]] + [m.split(" ") if isinstance(m, str) else m
-                                                           for m in tj["model"]["merges"]]
+    tj["model"]["merges"] = [["a b", "c"], ["d", " e"]] + [
+        m.split(" ") if isinstance(m, str) else m for m in tj["model"]["merges"]
+    ]
     d = tmp_path / "model"
     _write_dir(d, tj)
     (d / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
@@ -275,6 +314,7 @@ def test_demo_tokenizer_if_available(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ errors
 
+
 def _add(d: Path, vocab_size: int = VOCAB_SIZE) -> None:
     add_tokenizer(gguf.GGUFWriter(None, "qwen3"), d, vocab_size)
 
@@ -290,7 +330,9 @@ def test_not_bpe(tmp_path, tokenizer_json):
     tj["model"] = {"type": "Unigram", "vocab": [["a", 0.0]], "unk_id": 0}
     d = _write_dir(tmp_path / "m", tokenizer_json)
     (d / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
-    with pytest.raises(TokenizerError, match=r"tokenizer\.json: key 'model\.type': expected 'BPE', found 'Unigram'"):
+    with pytest.raises(
+        TokenizerError, match=r"tokenizer\.json: key 'model\.type': expected 'BPE', found 'Unigram'"
+    ):
         _add(d)
 
 
@@ -309,12 +351,15 @@ def test_tokenizer_longer_than_vocab_size(tmp_path, tokenizer_json):
         _add(d, n - 1)
 
 
-@pytest.mark.parametrize("pre", [
-    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},  # GPT-2
-    None,
-    "llama3",  # Split with a different regex
-    "prefix_space",
-])
+@pytest.mark.parametrize(
+    "pre",
+    [
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},  # GPT-2
+        None,
+        "llama3",  # Split with a different regex
+        "prefix_space",
+    ],
+)
 def test_non_qwen2_pre_tokenizer(tmp_path, tokenizer_json, pre):
     tj = json.loads(json.dumps(tokenizer_json))
     if pre == "llama3":
@@ -326,7 +371,9 @@ def test_non_qwen2_pre_tokenizer(tmp_path, tokenizer_json, pre):
     else:
         tj["pre_tokenizer"] = pre
     d = _write_dir(tmp_path / "m", tj)
-    with pytest.raises(TokenizerError, match=r"tokenizer\.json: key 'pre_tokenizer': expected the Qwen2 pre-tokenizer"):
+    with pytest.raises(
+        TokenizerError, match=r"tokenizer\.json: key 'pre_tokenizer': expected the Qwen2 pre-tokenizer"
+    ):
         _add(d)
 
 
@@ -337,8 +384,10 @@ def test_missing_merges(tmp_path, tokenizer_json):
     with pytest.raises(TokenizerError, match=r"model\.merges"):
         _add(d)
     # ... but merges.txt is used as SpecialVocab does
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in tokenizer_json["model"]["merges"]) + "\n",
-                                  encoding="utf-8")
+    (d / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in tokenizer_json["model"]["merges"]) + "\n",
+        encoding="utf-8",
+    )
     r = _write_gguf(tmp_path / "t.gguf", lambda w: add_tokenizer(w, d, VOCAB_SIZE))
     assert r.fields["tokenizer.ggml.merges"].contents() == gguf.SpecialVocab(d, load_merges=True).merges
 
@@ -350,6 +399,7 @@ def test_negative_vocab_size(tmp_path, tokenizer_json):
 
 
 # ------------------------------------------------------------------------------------------ llama.cpp
+
 
 @pytest.mark.llama
 def test_llama_cpp_tokenizes_like_hf(tmp_path, tokenizer_json):
@@ -394,3 +444,20 @@ def test_llama_cpp_tokenizes_like_hf(tmp_path, tokenizer_json):
     for text in CORPUS[:4] + ["Hello  world\n\n\tx", "I've 12345 apples", "<think>ok</think><|im_end|>"]:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf.encode(text).ids, text
     assert llm.token_eos() == tokenizer_json["added_tokens"][2]["id"]
+
+
+def test_template_post_processor_rejected(tmp_path, tokenizer_json):
+    """TemplateProcessing would make SpecialVocab derive add_bos/add_eos; Qwen tokenizers never use it."""
+    tj = json.loads(json.dumps(tokenizer_json))
+    tj["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [
+            {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+        ],
+        "pair": [],
+        "special_tokens": {},
+    }
+    d = _write_dir(tmp_path / "m", tj)
+    with pytest.raises(TokenizerError, match=r"key 'post_processor'.*TemplateProcessing"):
+        _add(d)
