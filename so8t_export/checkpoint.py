@@ -66,8 +66,8 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """w * scale_inv per block (Qwen/DeepSeek block FP8: scale_inv is a multiplier, despite its name).
 
-    Edge blocks that don't divide the shape use the same scale for their partial extent. The result is
-    built in one padded buffer and scaled in place, so peak memory is one output-sized tensor.
+    Edge blocks that don't divide the shape use the same scale for their partial extent (through a padded
+    buffer). FP8 is decoded by table lookup and scaled in place, so peak memory is one output-sized tensor.
     """
     rows, cols = weight.shape
     br, bc = block
@@ -76,11 +76,15 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
         raise CheckpointError(f"scale_inv shape {tuple(scale_inv.shape)}; expected {(nr, nc)} for weight "
                               f"{(rows, cols)} in {br}x{bc} blocks")
     work = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-    out = torch.empty(nr * br, nc * bc, dtype=work)
     if weight.dtype == torch.float8_e4m3fn and work == torch.float32:
-        np.take(_E4M3_TO_F32, weight.view(torch.uint8).numpy(), out=out[:rows, :cols].numpy())
+        decoded = torch.from_numpy(_E4M3_TO_F32[weight.view(torch.uint8).numpy()])  # fancy indexing: fast path
     else:
-        out[:rows, :cols] = weight
+        decoded = weight.to(work)
+    if (nr * br, nc * bc) == (rows, cols):
+        out = decoded
+    else:  # edge blocks: scale a padded buffer through the same block view
+        out = torch.empty(nr * br, nc * bc, dtype=work)
+        out[:rows, :cols] = decoded
     out.view(nr, br, nc, bc).mul_(scale_inv.to(work)[:, None, :, None])
     out = out[:rows, :cols].contiguous()  # a no-op unless edge blocks were padded
     return out.to(dtype) if work != dtype else out

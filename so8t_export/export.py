@@ -37,6 +37,7 @@ from .rotation import RotationPlan, plan_rotations
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3]
 CHUNK_ELEMENTS = 1 << 24  # rows per chunk keep a float32 chunk near 64 MiB
 LOOKAHEAD = 2  # encoded chunks computed ahead of the writer
+ROW_ALIGN = 128
 # Relative to the projection's magnitude. Folding an SO8T tensor is exact to float64 rounding (~1e-16); the
 # absorbed check of a Qwen3 source is bounded by the float32 rotation buffers, orthogonal to ~1e-7. A wrong
 # fold (a transposed rotation, a wrong head type) is off by O(1).
@@ -123,7 +124,8 @@ def row_chunks(job: TensorJob, whole: bool) -> list[slice | None]:
     """Row ranges a job is processed in: about CHUNK_ELEMENTS each, or the whole tensor (None)."""
     if whole or len(job.shape) != 2 or job.shape[0] * job.shape[1] <= CHUNK_ELEMENTS:
         return [None]
-    rows = max(1, CHUNK_ELEMENTS // job.shape[1])
+    # Multiples of 128 rows: FP8 scale blocks are 128 rows tall, so no chunk starts inside a block.
+    rows = max(ROW_ALIGN, CHUNK_ELEMENTS // job.shape[1] // ROW_ALIGN * ROW_ALIGN)
     return [slice(start, min(start + rows, job.shape[0])) for start in range(0, job.shape[0], rows)]
 
 
@@ -168,8 +170,7 @@ class FoldedTensors:
             # A Qwen3 source loads into SO8T by absorbing the inverse rotations and folds straight back:
             # fold(unfold(W)) = W, so W is written as it is and the probe checks the absorbed model.
             folded = weight
-            error = absorbed_error(job.source, weight.double(), self.plan, probe)
-            scale = (probe @ weight.double().T).abs().max().item()
+            error, scale = absorbed_error(job.source, weight, self.plan, probe)
             tolerance = ABSORB_TOLERANCE * max(1.0, scale)
         if error > tolerance:
             raise ExportError(f"fold check failed for {job.source}: max abs error {error:.3e} against the SO8T "

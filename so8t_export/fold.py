@@ -81,22 +81,25 @@ def fold_error(name: str, so8t_weight: torch.Tensor, folded: torch.Tensor, plan:
     return (reference - probe @ folded.T).abs().max().item()
 
 
-def absorbed_error(name: str, weight: torch.Tensor, plan: RotationPlan, probe: torch.Tensor) -> float:
-    """For a plain Qwen3 weight W: max |SO8T projection with the absorbed weight unfold(W) - W projection|.
+def absorbed_error(name: str, weight: torch.Tensor, plan: RotationPlan, probe: torch.Tensor) -> tuple[float, float]:
+    """For a plain Qwen3 weight W: (max |SO8T projection with the absorbed weight unfold(W) - W projection|,
+    max |W projection|) on a probe batch.
 
-    fold(unfold(W)) = W exactly, so a Qwen3 source is exported as W itself; this checks, on a probe batch,
-    that the SO8T model holding unfold(W) computes W's projection. It is evaluated on the activation side
-    (unfold(W) x = M^T W x for rows, W B^T B x for columns), so W is never copied.
+    fold(unfold(W)) = W exactly, so a Qwen3 source is exported as W itself; this checks that the SO8T model
+    holding unfold(W) computes W's projection. It is evaluated on the activation side (unfold(W) x = M^T W x
+    for rows, W B^T B x for columns) in one matmul with W, which is never copied or widened: the probe's
+    drift is formed in float64 first.
     """
     r = role(name)
-    projection = probe @ weight.T
+    if r.side == "columns":
+        rotation = plan.mlp[r.layer]
+        drift = rotate_blocks(rotate_blocks(probe, rotation), rotation.T) - probe
+        projection, drift_projection = (torch.cat([probe, drift]).to(weight.dtype) @ weight.T).split(len(probe))
+        return drift_projection.abs().max().item(), projection.abs().max().item()
+    projection = (probe.to(weight.dtype) @ weight.T).double()
     if r.side == "rows":
         heads = _heads(plan, r.projection)
         reference = rotate_heads(unrotate_heads(projection, heads, plan.cross_head, plan.within_head_first),
                                  heads, plan.cross_head, plan.within_head_first)
-    elif r.side == "columns":
-        rotation = plan.mlp[r.layer]
-        reference = rotate_blocks(rotate_blocks(probe, rotation), rotation.T) @ weight.T
-    else:
-        reference = projection
-    return (reference - projection).abs().max().item()
+        return (reference - projection).abs().max().item(), projection.abs().max().item()
+    return 0.0, projection.abs().max().item()
