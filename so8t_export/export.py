@@ -36,7 +36,8 @@ from .rotation import RotationPlan, plan_rotations
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3]
 CHUNK_ELEMENTS = 1 << 24  # rows per chunk keep a float32 chunk near 64 MiB
-LOOKAHEAD = 2  # encoded chunks computed ahead of the writer
+LOOKAHEAD = 3  # encoded chunks computed ahead of the writer
+ENCODERS = 2  # worker threads: the table decode is single-threaded numpy, so two chunks overlap
 ROW_ALIGN = 128
 # Relative to the projection's magnitude. Folding an SO8T tensor is exact to float64 rounding (~1e-16); the
 # absorbed check of a Qwen3 source is bounded by the float32 rotation buffers, orthogonal to ~1e-7. A wrong
@@ -184,7 +185,7 @@ def encoded_stream(folded: FoldedTensors, jobs: list[TensorJob]) -> Iterator[np.
     """Encoded chunks of every job, in file order, computed LOOKAHEAD chunks ahead on a worker thread while
     the caller writes: torch and numpy release the GIL, so encoding and disk writes overlap."""
     work = [(job, rows) for job in jobs for rows in folded.chunks(job)]
-    with ThreadPoolExecutor(1, thread_name_prefix="so8t-encode") as pool:
+    with ThreadPoolExecutor(ENCODERS, thread_name_prefix="so8t-encode") as pool:
         pending: deque = deque()
         for job, rows in work:
             pending.append(pool.submit(folded.encode, job, rows))
