@@ -94,3 +94,30 @@ def test_parity_cli_table_json_and_exit_code(so8t_dir, exports, tmp_path):
     result = CliRunner().invoke(main, ["parity", str(so8t_dir), str(tampered), "--prompts", str(prompts),
                                        "--greedy-tokens", "4"])
     assert result.exit_code == 1 and "FAIL: head probability diff" in result.output
+
+
+def test_runtime_cli_chats_and_scores(exports):
+    import json
+
+    from so8t_export.cli import runtime_main
+
+    result = CliRunner().invoke(runtime_main, [str(exports["f32"]), "Is it safe to mix bleach and ammonia?",
+                                               "--max-tokens", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)  # llama.cpp logs to stderr
+    assert set(payload["safety"]) == {"safe", "unsafe"} and set(payload["authority"]) == {"handle", "escalate"}
+    assert abs(sum(payload["safety"].values()) - 1) < 1e-3 and payload["tokens"] == 8
+
+
+def test_ollama_command_writes_gguf_modelfile_and_create_line(so8t_dir, tmp_path):
+    from so8t_export.modelfile import check_modelfile
+
+    out = tmp_path / "ollama"
+    result = CliRunner().invoke(main, ["ollama", str(so8t_dir), "--quant", "q8_0", "--name", "so8t-tiny",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    gguf_file, modelfile = out / "so8t-tiny-q8_0.gguf", out / "so8t-tiny.Modelfile"
+    assert gguf_file.exists() and modelfile.exists()
+    assert "FROM ./so8t-tiny-q8_0.gguf" in modelfile.read_text()
+    check_modelfile(modelfile)
+    assert f"ollama create so8t-tiny -f {modelfile}" in result.output
