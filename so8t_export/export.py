@@ -8,6 +8,7 @@ The file is written under a temporary name and renamed at the end, so a failed r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import math
@@ -29,7 +30,7 @@ from .checkpoint import CheckpointReader
 from .config import MODEL_TYPE, SO8TConfig
 from .fold import absorbed_error, fold_error, fold_weight, role
 from .gguf_tokenizer import add_tokenizer
-from .loading import rotations_and_heads
+from .loading import check_tensors, rotations_and_heads
 from .metadata import FOLD_ERROR_KEY, SOURCE_HASH_KEY, add_so8t_metadata, so8t_entries
 from .quants import FILE_TYPES, OUTPUT_TYPES, QuantError, quantize, quantized_nbytes
 from .rotation import RotationPlan, plan_rotations
@@ -274,6 +275,7 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, *, quan
     reader = CheckpointReader(model_dir)
     is_so8t = reader.raw_config.get("model_type") == MODEL_TYPE
     config = SO8TConfig.from_dict(reader.raw_config, source=str(model_dir / "config.json"))
+    check_tensors(reader, config, is_so8t)
     rotations, cross_head, heads = rotations_and_heads(reader, config, is_so8t)
     plan = plan_rotations(config, rotations.double(), cross_head.double())
     jobs, fallbacks = plan_tensors(reader, config, quant)
@@ -300,17 +302,17 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, *, quan
         writer.write_ti_data_to_file()
 
         folded = FoldedTensors(reader, plan, is_so8t)
-        stream = encoded_stream(folded, jobs)
         done = 0
-        for job in jobs:
-            def advance(n: int, job=job) -> None:
-                nonlocal done
-                done += n
-                if progress:
-                    progress(done, total, job.target)
-            chunks = itertools.islice(stream, len(folded.chunks(job)))
-            writer.write_tensor_data(_StreamedTensor(job, chunks, advance), tensor_endianess=gguf.GGUFEndian.LITTLE)
-        stream.close()
+        with contextlib.closing(encoded_stream(folded, jobs)) as stream:
+            for job in jobs:
+                def advance(n: int, job=job) -> None:
+                    nonlocal done
+                    done += n
+                    if progress:
+                        progress(done, total, job.target)
+                chunks = itertools.islice(stream, len(folded.chunks(job)))
+                writer.write_tensor_data(_StreamedTensor(job, chunks, advance),
+                                         tensor_endianess=gguf.GGUFEndian.LITTLE)
         writer.close()
         hasher.join()
         if hasher.error:

@@ -50,6 +50,34 @@ def source_name(name: str, is_so8t: bool) -> str:
     return name if is_so8t or name != "task_head.weight" else "lm_head.weight"
 
 
+def expected_shapes(config: SO8TConfig, is_so8t: bool) -> dict[str, tuple[int, ...]]:
+    """Checkpoint name -> shape of every tensor an SO8T (or Qwen3) checkpoint of this config holds."""
+    with torch.device("meta"):
+        model = SO8TTransformerForCausalLM(config)
+    shapes = {source_name(n, is_so8t): tuple(t.shape) for n, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop(source_name("task_head.weight", is_so8t))
+    if not is_so8t:  # a Qwen3 checkpoint has no SO8T extras
+        shapes = {n: s for n, s in shapes.items() if n not in ROTATION_BUFFERS and n.split(".")[0] not in HEADS}
+    return shapes
+
+
+def check_tensors(reader: CheckpointReader, config: SO8TConfig, is_so8t: bool) -> None:
+    """Every tensor present with its expected shape and none left over; errors name the tensor."""
+    expected = expected_shapes(config, is_so8t)
+    for name, shape in expected.items():
+        if name not in reader:
+            raise CheckpointError(f"{reader.model_dir}: tensor {name} is missing")
+        if reader.shape(name) != shape:
+            raise CheckpointError(f"{reader.model_dir}: tensor {name} has shape {list(reader.shape(name))}; "
+                                  f"expected {list(shape)}")
+    tied_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    leftover = sorted(set(reader.names()) - set(expected) - tied_extra)
+    if leftover:
+        raise CheckpointError(f"{reader.model_dir}: tensors not used by SO8T/Qwen3: {', '.join(leftover[:8])}"
+                              + (" ..." if len(leftover) > 8 else ""))
+
+
 def init_head(config: SO8TConfig, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Deterministic init of a head a Qwen3 checkpoint lacks: weight ~ N(0, initializer_range^2) drawn
     from a generator seeded by so8t_rotation_seed and the head's index, bias zero."""
@@ -87,34 +115,20 @@ def load_pretrained(model_dir: str | Path, torch_dtype=None, **config_overrides)
     with torch.device("meta"):
         model = SO8TTransformerForCausalLM(config)
 
+    check_tensors(reader, config, is_so8t)
     rotations, cross_head, heads = rotations_and_heads(reader, config, is_so8t, dtype)
     state: dict[str, torch.Tensor] = {ROTATION_BUFFERS[0]: rotations, ROTATION_BUFFERS[1]: cross_head, **heads}
-    # Absorb with the float64 image of the float32 rotations the model holds, so that loading and then
-    # folding returns the source weights to float64 precision.
+    # Absorb in float64 with exactly the float32 rotations the model holds and applies, cast once.
     plan = plan_rotations(config, rotations.double(), cross_head.double())
 
-    expected = {n: p for n, p in model.state_dict().items() if n not in state}
-    if config.tie_word_embeddings:
-        expected.pop("task_head.weight", None)
-    used = set()
-    for name, meta in expected.items():
+    for name in model.state_dict():
         src = source_name(name, is_so8t)
-        if src not in reader:
-            raise CheckpointError(f"{model_dir}: tensor {src} is missing (needed for {name})")
-        found = reader.shape(src)
-        if found != tuple(meta.shape):
-            raise CheckpointError(f"{model_dir}: tensor {src} has shape {list(found)}; expected {list(meta.shape)}")
+        if name in state or src not in reader or (config.tie_word_embeddings and name == "task_head.weight"):
+            continue
         if is_so8t or role(src).side == "none":
-            tensor = reader.read(src, dtype)
+            state[name] = reader.read(src, dtype)
         else:
-            tensor = unfold_weight(src, reader.read(src, torch.float64), plan).to(dtype).contiguous()
-        state[name] = tensor
-        used.add(src)
-    leftover = sorted(set(reader.names()) - used - set(state) - ({"lm_head.weight"} if config.tie_word_embeddings
-                                                                 and not is_so8t else set()))
-    if leftover:
-        raise CheckpointError(f"{model_dir}: tensors not used by SO8T/Qwen3: {', '.join(leftover[:8])}"
-                              + (" ..." if len(leftover) > 8 else ""))
+            state[name] = unfold_weight(src, reader.read(src, torch.float64), plan).to(dtype).contiguous()
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.task_head.weight = model.model.embed_tokens.weight

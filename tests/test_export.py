@@ -170,3 +170,16 @@ def test_truncated_safetensors(qwen3_dir, tmp_path):
     result = CliRunner().invoke(main, ["gguf", str(folder), "-o", str(out_dir / "x.gguf")])
     assert result.exit_code == 1 and "truncated safetensors file" in result.output
     assert no_leftovers(out_dir)
+
+
+def test_missing_or_misshapen_tensor(qwen3_dir, tmp_path):
+    folder = tmp_path / "missing"
+    shutil.copytree(qwen3_dir, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(folder / "model.safetensors"))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = CliRunner().invoke(main, ["gguf", str(folder), "-o", str(out_dir / "x.gguf")])
+    assert result.exit_code == 1 and "tensor model.layers.1.mlp.up_proj.weight is missing" in result.output
+    assert no_leftovers(out_dir)
