@@ -368,7 +368,7 @@ def write_tiny_qwen3(
     gains 1. ``sharp=True`` uses initializer_range=0.1 and token embeddings (tied with lm_head) ~ N(0, 1.0), which
     makes next-token distributions peaked (mean max probability ~0.95 on SHARPNESS_PROMPTS, see the constants'
     comment); ``sharp=False`` uses N(0, 0.02) everywhere (HF default, nearly uniform
-    outputs). An explicit ``initializer_range`` override replaces 0.2/0.02 (the embedding keeps its multiplier).
+    outputs). An explicit ``initializer_range`` override replaces 0.1/0.02 (the embedding keeps its multiplier).
     Same arguments -> byte-identical files.
     """
     from transformers import Qwen3Config, Qwen3ForCausalLM

@@ -156,7 +156,7 @@ class FoldedTensors:
                               "expected finite weights")
         if side != "none":
             weight = self._fold(job, weight, rows)
-        return quantize(weight.float() if weight.dtype != torch.float32 else weight, job.qtype)
+        return quantize(weight.float(), job.qtype)  # .float() is a no-op on float32
 
     def _fold(self, job: TensorJob, weight: torch.Tensor, rows: slice | None) -> torch.Tensor:
         # The probe depends only on the tensor and chunk, so results do not depend on thread timing.
@@ -183,8 +183,8 @@ class FoldedTensors:
 
 
 def encoded_stream(folded: FoldedTensors, jobs: list[TensorJob]) -> Iterator[np.ndarray]:
-    """Encoded chunks of every job, in file order, computed LOOKAHEAD chunks ahead on a worker thread while
-    the caller writes: torch and numpy release the GIL, so encoding and disk writes overlap."""
+    """Encoded chunks of every job, in file order, computed up to LOOKAHEAD chunks ahead by ENCODERS threads
+    while the caller writes: torch and numpy release the GIL, so encoding and disk writes overlap."""
     work = [(job, rows) for job in jobs for rows in folded.chunks(job)]
     with ThreadPoolExecutor(ENCODERS, thread_name_prefix="so8t-encode") as pool:
         pending: deque = deque()

@@ -123,8 +123,8 @@ def load_pretrained(model_dir: str | Path, torch_dtype=None, **config_overrides)
 
     for name in model.state_dict():
         src = source_name(name, is_so8t)
-        if name in state or src not in reader or (config.tie_word_embeddings and name == "task_head.weight"):
-            continue
+        if name in state or (config.tie_word_embeddings and name == "task_head.weight"):
+            continue  # generated extras, or the tied head (check_tensors has vouched for everything else)
         if is_so8t or role(src).side == "none":
             state[name] = reader.read(src, dtype)
         else:
