@@ -41,7 +41,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from so8t_export.checkpoint import quantize_fp8
+from so8t_export.quants import quantize_fp8
 from so8t_export.demo import build_tokenizer
 
 LAYERS = 36

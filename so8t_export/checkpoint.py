@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .quants import BlockFP8
+
 SCALE_SUFFIX = ".weight_scale_inv"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -24,8 +26,6 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 _SAFETENSORS_DTYPE_BYTES = {name: torch.empty(0, dtype=dtype).element_size()
                             for name, dtype in _SAFETENSORS_DTYPES.items()}
-# e4m3fn -> float32 of every byte: a table lookup decodes FP8 about twice as fast as torch's cast, exactly.
-_E4M3_TO_F32 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32).numpy()
 
 
 class CheckpointError(ValueError):
@@ -60,48 +60,6 @@ def _check_safetensors_file(path: Path) -> tuple[dict, int]:
             raise CheckpointError(f"{path}: tensor {name}: {stop - start} bytes for shape {info['shape']} "
                                   f"{info['dtype']}; expected {expected}")
     return header, 8 + header_len
-
-
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """w * scale_inv per block (Qwen/DeepSeek block FP8: scale_inv is a multiplier, despite its name).
-
-    Edge blocks that don't divide the shape use the same scale for their partial extent (through a padded
-    buffer). FP8 is decoded by table lookup and scaled in place, so peak memory is one output-sized tensor.
-    """
-    rows, cols = weight.shape
-    br, bc = block
-    nr, nc = math.ceil(rows / br), math.ceil(cols / bc)
-    if tuple(scale_inv.shape) != (nr, nc):
-        raise CheckpointError(f"scale_inv shape {tuple(scale_inv.shape)}; expected {(nr, nc)} for weight "
-                              f"{(rows, cols)} in {br}x{bc} blocks")
-    work = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-    if weight.dtype == torch.float8_e4m3fn and work == torch.float32:
-        decoded = torch.from_numpy(_E4M3_TO_F32[weight.view(torch.uint8).numpy()])  # fancy indexing: fast path
-    else:
-        decoded = weight.to(work)
-    if (nr * br, nc * bc) == (rows, cols):
-        out = decoded
-    else:  # edge blocks: scale a padded buffer through the same block view
-        out = torch.empty(nr * br, nc * bc, dtype=work)
-        out[:rows, :cols] = decoded
-    out.view(nr, br, nc, bc).mul_(scale_inv.to(work)[:, None, :, None])
-    out = out[:rows, :cols].contiguous()  # a no-op unless edge blocks were padded
-    return out.to(dtype) if work != dtype else out
-
-
-def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse direction, as Qwen ships FP8: per-block scale = amax / 448, weight / scale as e4m3."""
-    rows, cols = weight.shape
-    br, bc = block
-    nr, nc = math.ceil(rows / br), math.ceil(cols / bc)
-    padded = torch.zeros(nr * br, nc * bc, dtype=torch.float32)
-    padded[:rows, :cols] = weight.float()
-    blocks = padded.view(nr, br, nc, bc)
-    amax = blocks.abs().amax(dim=(1, 3))
-    scale = torch.where(amax > 0, amax / torch.finfo(torch.float8_e4m3fn).max, torch.ones_like(amax))
-    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).view(nr * br, nc * bc)[:rows, :cols]
-    return q.contiguous(), scale
 
 
 class CheckpointReader:
@@ -209,26 +167,33 @@ class CheckpointReader:
     # ------------------------------------------------------------------ reading
     def read(self, name: str, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:
         """One tensor (or a row range of it), FP8-dequantised, as dtype."""
-        tensor = self.read_raw(name, rows)
-        if tensor.dtype != torch.float8_e4m3fn:
-            return tensor.to(dtype)
+        fp8 = self.read_fp8(name, rows)
+        if fp8 is not None:
+            return fp8.dequantize().to(dtype)
+        return self.read_raw(name, rows).to(dtype)
+
+    def read_fp8(self, name: str, rows: slice | None = None) -> BlockFP8 | None:
+        """A block-FP8 tensor (or a row range) as stored, with the scales of the tiles it touches; None when
+        the tensor is not FP8."""
         path = self._file(name)
+        if self.info(name)["dtype"] != "F8_E4M3":
+            return None
         scale_name = name.removesuffix(".weight") + SCALE_SUFFIX
         if self.fp8_block is None or scale_name not in self._location:
             raise CheckpointError(f"{path}: tensor {name} is float8_e4m3fn but has no {scale_name} "
                                   "(expected quantization_config.quant_method = 'fp8' with block scales)")
-        scale = self.read_raw(scale_name)
-        if rows is not None:  # scales of the block rows the range touches; realign to the first block's start
-            first, last, _ = rows.indices(self.shape(name)[0])
-            br = self.fp8_block[0]
-            scale, offset = scale[first // br: math.ceil(last / br)], first % br
-            if offset:
-                pad = torch.zeros(offset, tensor.shape[1], dtype=tensor.dtype)
-                return dequantize_fp8(torch.cat([pad, tensor]), scale, self.fp8_block, dtype)[offset:]
+        shape = self.shape(name)
+        (br, bc), scale = self.fp8_block, self.read_raw(scale_name)
+        expected = (math.ceil(shape[0] / br), math.ceil(shape[1] / bc))
+        if tuple(scale.shape) != expected:
+            raise CheckpointError(f"{self._file(scale_name)}: tensor {scale_name} has shape {tuple(scale.shape)}; "
+                                  f"expected {expected} for {name} {tuple(shape)} in {br}x{bc} blocks")
+        first, last, _ = (rows or slice(None)).indices(shape[0])
         try:
-            return dequantize_fp8(tensor, scale, self.fp8_block, dtype)
-        except CheckpointError as err:
-            raise CheckpointError(f"{path}: tensor {scale_name}: {err}") from None
+            return BlockFP8.from_torch(self.read_raw(name, rows), scale[first // br: math.ceil(last / br)],
+                                       self.fp8_block, first % br)
+        except ValueError as err:
+            raise CheckpointError(f"{self._file(scale_name)}: tensor {scale_name}: {err}") from None
 
     def iter_rows(self, name: str, chunk_rows: int, dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
         """Row chunks of a 2-D tensor, so a large embedding is never materialised whole in float32."""

@@ -140,7 +140,13 @@ class SO8TTransformerModel(nn.Module):
     def __init__(self, config: SO8TConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # _weight skips nn.Embedding's own init, which on the meta device (loading, the exporter's shape check)
+        # runs through torch._refs and imports torch._dynamo on first use: 1.3 s. Initialised as transformers'
+        # Qwen3 does instead.
+        embedding = torch.empty(config.vocab_size, config.hidden_size)
+        if not embedding.is_meta:
+            nn.init.normal_(embedding, std=config.initializer_range)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=embedding)
         self.layers = nn.ModuleList(SO8TTransformerLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # Fixed rotations, saved with the model. Kept in float32 whatever the weights' dtype (see _apply).

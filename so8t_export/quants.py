@@ -1,37 +1,33 @@
-"""GGUF output-type encoders (F32, F16, BF16, Q8_0) on torch, bit-identical to gguf-py.
+"""Number formats as pure functions: the block-FP8 format checkpoints ship in, and the GGUF output types.
 
-Identity preserved: for every float32 tensor ``x`` whose last dimension is the row,
-``quantize(x, t)`` returns an array with the same dtype, shape and bytes as
-``gguf.quants.quantize(x.numpy(), t)`` (gguf-py 0.19.0), which in turn is bit-exact with ggml's
-reference C (``quantize_row_q8_0_ref``, ``ggml_compute_fp32_to_bf16``; F16 is numpy's
-``astype(np.float16)``). The result can be handed to ``GGUFWriter.add_tensor(name, arr, raw_dtype=t)``
-or ``GGUFWriter.write_tensor_data(arr)`` unchanged.
+Identities preserved (tests/test_quants.py checks each bit for bit):
+- ``quantize(x, t)`` has the dtype, shape and bytes of ``gguf.quants.quantize(x.numpy(), t)`` (gguf-py 0.19.0),
+  which is bit-exact with ggml's C (``quantize_row_q8_0_ref``, ``ggml_compute_fp32_to_bf16``; F16 is numpy's
+  ``astype(np.float16)``). The result goes to ``GGUFWriter.add_tensor(..., raw_dtype=t)`` unchanged.
+- ``BlockFP8.dequantize()`` is float32(e4m3) * float32(scale_inv) per block, as llama.cpp's converter computes it.
+- ``BlockFP8.encode(t) == quantize(BlockFP8.dequantize(), t)``, without the float32 copy in between.
 
-Why not simply call gguf-py: it is single-threaded numpy (~100 M elements/s for Q8_0 on 2 cores).
-Here the bulk work is torch kernels on cache-sized pieces, and only per-block scales (1/32 of the data)
-and rare special values go through numpy, with gguf-py's own expressions.
-
-Threading: the pieces are spread over ``torch.get_num_threads()`` Python threads (torch releases the GIL
-inside kernels). Each piece is smaller than torch's intra-op grain size, so every kernel runs
-single-threaded and no OpenMP team is involved. Measured on 2 cores, this is a bit slower than letting
-OpenMP split each op when the machine is idle, but 2-4x faster when other processes compete for the cores:
-OpenMP's barrier after every op then waits for a descheduled worker, thousands of times per tensor.
+Why compiled loops (numba): gguf-py's numpy quantiser makes a dozen passes over float32 temporaries (~100 M
+elements/s on 2 cores). The kernels here handle one row at a time, so it stays in cache from FP8 bytes to
+GGUF bytes (measured ~2 G elements/s per core for FP8 -> Q8_0). They release the GIL, so the exporter's
+threads run them side by side, and they use IEEE float32 arithmetic only (no fastmath), which is what makes
+the bytes identical to numpy's.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
-import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import gguf
+import numba
 import numpy as np
 import torch
 from gguf.quants import QuantError as _GgufQuantError
 
-__all__ = ["FILE_TYPES", "OUTPUT_TYPES", "QuantError", "quantize", "quantized_nbytes", "resolve_qtype"]
+__all__ = ["FILE_TYPES", "OUTPUT_TYPES", "BlockFP8", "QuantError", "quantize", "quantize_fp8", "quantized_nbytes",
+           "resolve_qtype"]
 
 _T = gguf.GGMLQuantizationType
 
@@ -50,22 +46,9 @@ FILE_TYPES: dict[str, gguf.LlamaFileType] = {
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
 }
 
-# Elements per piece: below ATen's GRAIN_SIZE (32768), so elementwise ops and reductions on one piece run
-# inline on the calling thread (see module docstring), and a multiple of the Q8_0 block. 128 KiB of float32
-# also keeps a piece and its scratch buffer in L2 between the passes over it.
-_PIECE = 32768 - 32
-_PIECES_PER_WORKER = 4  # more tasks than threads, so a descheduled thread does not hold up the others
-
-# Largest float32 below 0.5. trunc(a + _HALF_DOWN) == roundf(a) (round half away from zero) for float32 a >= 0
-# in Q8_0's range (|x*id| <= 127.00003 in every well-defined block); plain 0.5 fails for a = 0.49999997,
-# whose sum with 0.5 rounds (to even) up to 1.0. Checked exhaustively for all float32 in [-128, 128] with the
-# op sequence of pass 2 of _to_q8_0 (abs, + _HALF_DOWN, copysign, int8 cast) against gguf-py's np_roundf.
-_HALF_DOWN = float(np.nextafter(np.float32(0.5), np.float32(0.0)))
-
-# Smallest normal float32. A non-zero Q8_0 scale d below it makes 1/d inexact or infinite, so x*id can leave
-# [-127.5, 127.5] and the float->int8 cast is undefined behaviour in C and numpy alike; such blocks (and
-# NaN/Inf blocks) are handed to gguf-py itself so the bytes still equal what it writes.
-_FLT_MIN = float(np.finfo(np.float32).tiny)
+_Q8_0_BLOCK, _Q8_0_BYTES = gguf.GGML_QUANT_SIZES[_T.Q8_0]  # 32 values -> fp16 scale + 32 int8
+_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 class QuantError(_GgufQuantError, ValueError):
@@ -82,9 +65,7 @@ def resolve_qtype(qtype: gguf.GGMLQuantizationType | str) -> gguf.GGMLQuantizati
         try:
             return OUTPUT_TYPES[qtype.lower()]
         except KeyError:
-            raise QuantError(
-                f"unknown output type {qtype!r}; expected one of {sorted(OUTPUT_TYPES)}"
-            ) from None
+            raise QuantError(f"unknown output type {qtype!r}; expected one of {sorted(OUTPUT_TYPES)}") from None
     qtype = _T(qtype)
     if qtype not in OUTPUT_TYPES.values():
         raise QuantError(f"output type {qtype.name} is not supported; expected one of {sorted(OUTPUT_TYPES)}")
@@ -102,16 +83,218 @@ def quantized_nbytes(shape: Sequence[int], qtype: gguf.GGMLQuantizationType | st
         raise QuantError(f"cannot encode a 0-d tensor as {qtype.name}; expected at least one dimension")
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
     if shape[-1] % block_size != 0:
-        raise QuantError(
-            f"cannot encode tensor of shape {shape} as {qtype.name}: row length {shape[-1]} "
-            f"is not a multiple of the block size {block_size}"
-        )
-    n_rows = 1
-    for s in shape[:-1]:
-        n_rows *= s
-    return n_rows * (shape[-1] // block_size) * type_size
+        raise QuantError(f"cannot encode tensor of shape {shape} as {qtype.name}: row length {shape[-1]} "
+                         f"is not a multiple of the block size {block_size}")
+    return math.prod(shape[:-1]) * (shape[-1] // block_size) * type_size
 
 
+# ------------------------------------------------------------------------------------------------- kernels
+# Conventions, each worth ~10x (measured): kernels take 2-D C-contiguous arrays and work one row at a time,
+# so a row stays in cache through all its passes. Block lengths are runtime arguments: with a literal 32,
+# LLVM fully unrolls the per-block loops into scalar code instead of vectorising them. Kernels return early
+# on a block length <= 0: numba wraps negative indices, and only once LLVM can prove `k * block + i >= 0`
+# does that check vanish and the loop vectorise.
+
+_HALF_DOWN = np.nextafter(np.float32(0.5), np.float32(0))  # see _q8_0_row
+_F32_TINY = np.finfo(np.float32).tiny
+_F32_INF = np.float32(np.inf)
+_F32_0, _F32_1, _F32_127 = np.float32(0), np.float32(1), np.float32(127)
+_F32_2_POW_24 = np.float32(2.0**24)
+_ABS_BITS = np.uint32(0x7FFFFFFF)
+# e4m3fn: magnitude byte m = eeee_mmm. Normal (e > 0): f32 bits (m << 20) + (120 << 23) rebias the exponent from 7
+# to 127. Subnormal (e = 0): m * 2**-9. m = 0x7f is NaN (there is no Inf); bytes order by magnitude, sign apart.
+_E4M3_REBIAS = np.uint32(120 << 23)
+_E4M3_SUBNORMAL_STEP = np.float32(2.0**-9)
+_E4M3_NAN_BYTE = np.uint8(0x7F)
+_E4M3_NAN = torch.tensor([0x7F], dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()[0]
+
+
+@numba.njit(nogil=True, cache=True)
+def _decode_e4m3_row(raw, scale, tile, bits, out):
+    """out[c] = float32(e4m3 raw[c]) * scale[c // tile], rounded once, in float32 (the converter's).
+    bits: uint32 scratch of at least `tile` elements."""
+    if tile <= 0:
+        return
+    normal = bits.view(np.float32)
+    n = raw.size
+    for t in range((n + tile - 1) // tile):
+        s = scale[t]
+        count = min(tile, n - t * tile)
+        for i in range(count):
+            bits[i] = (np.uint32(raw[t * tile + i] & _E4M3_NAN_BYTE) << np.uint32(20)) + _E4M3_REBIAS
+        for i in range(count):
+            b = raw[t * tile + i]
+            m = b & _E4M3_NAN_BYTE
+            v = normal[i] if m >= 8 else np.float32(m) * _E4M3_SUBNORMAL_STEP
+            v = _E4M3_NAN if m == _E4M3_NAN_BYTE else v
+            out[t * tile + i] = (-v if b >= 128 else v) * s
+
+
+@numba.njit(nogil=True, cache=True)
+def _dequantize_e4m3(raw, scale, block_rows, block_cols, first_row, out):
+    bits = np.empty(block_cols, np.uint32)
+    for r in range(raw.shape[0]):
+        _decode_e4m3_row(raw[r], scale[(first_row + r) // block_rows], block_cols, bits, out[r])
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_e4m3_nan(raw):
+    count = 0
+    for r in range(raw.shape[0]):
+        row = raw[r]
+        for c in range(row.size):
+            count += (row[c] & _E4M3_NAN_BYTE) == _E4M3_NAN_BYTE
+    return count
+
+
+@numba.njit(nogil=True, cache=True)
+def _block_amax(x, block, amax):
+    """amax[k] = max |x| over block k: a max over the float bits without the sign (ordered as the values for
+    every non-NaN float32; a NaN gives a NaN maximum, as numpy's)."""
+    if block <= 0:
+        return
+    xb = x.view(np.uint32)
+    ab = amax.view(np.uint32)
+    for k in range(x.size // block):
+        m = np.uint32(0)
+        for i in range(block):
+            v = xb[k * block + i] & _ABS_BITS
+            m = v if v > m else m
+        ab[k] = m
+
+
+@numba.njit(nogil=True, cache=True)
+def _f16_bits(u, x):
+    """numpy's float32 -> float16 (IEEE round to nearest even) of x, whose bits are u. A NaN keeps its sign
+    and high payload, forced non-zero (numpy's npy_floatbits_to_halfbits)."""
+    sign = np.uint16((u >> np.uint32(16)) & np.uint32(0x8000))
+    a = u & _ABS_BITS
+    if a > np.uint32(0x7F800000):
+        payload = np.uint16((a & np.uint32(0x7FFFFF)) >> np.uint32(13))
+        return sign | np.uint16(0x7C00) | (payload if payload else np.uint16(1))
+    if a >= np.uint32(0x477FF000):  # at or past the midpoint between 65504 and 65536: Inf (ties go to even 65536)
+        return sign | np.uint16(0x7C00)
+    if a >= np.uint32(0x38800000):  # normal: rebias the exponent (127 -> 15), round away the low 13 bits
+        return sign | np.uint16((a + np.uint32(0x0FFF) + ((a >> np.uint32(13)) & np.uint32(1))
+                                 - np.uint32(0x38000000)) >> np.uint32(13))
+    # subnormal (or zero): the bits are |x| / 2**-24 rounded to an integer, and that product is exact
+    return sign | np.uint16(np.rint(abs(x) * _F32_2_POW_24))
+
+
+@numba.njit(nogil=True, cache=True)
+def _q8_0_row(x, amax, block, d, inv, out):
+    """quantize_row_q8_0_ref of one row given its block maxima, as gguf-py computes it in float32:
+    d = amax/127, id = 0 if d == 0 else 1/d, q = roundf(x*id), stored as [fp16(d), q as int8 x block].
+
+    roundf (half away from zero) is copysign(trunc(|x*id| + 0.49999997), x): with plain 0.5 the sum for
+    0.49999997 rounds (to even) up to 1.0. |x|*id is the same IEEE product as x*id up to sign (id >= 0).
+    Returns the number of blocks with a NaN/Inf or a float32-subnormal d: their float->int8 casts are
+    undefined in C and numpy alike, so they are left for gguf-py to encode.
+    """
+    if block <= 0:
+        return 0
+    blocks = x.size // block
+    odd = 0
+    for k in range(blocks):
+        d[k] = amax[k] / _F32_127
+    for k in range(blocks):
+        inv[k] = _F32_1 / d[k] if d[k] != _F32_0 else _F32_0
+    d_bits = d.view(np.uint32)
+    for k in range(blocks):
+        if not (d[k] == _F32_0 or (d[k] >= _F32_TINY and d[k] < _F32_INF)):
+            odd += 1
+            continue
+        base = k * (block + 2)
+        half = _f16_bits(d_bits[k], d[k])
+        out[base], out[base + 1] = np.uint8(half & np.uint16(0xFF)), np.uint8(half >> np.uint16(8))
+        scale = inv[k]
+        for i in range(block):
+            v = x[k * block + i]
+            out[base + 2 + i] = np.uint8(np.int8(np.copysign(np.trunc(abs(v) * scale + _HALF_DOWN), v)))
+    return odd
+
+
+@numba.njit(nogil=True, cache=True)
+def _f16_rows(x, out):
+    for r in range(x.shape[0]):
+        row, bits = x[r], x[r].view(np.uint32)
+        for c in range(row.size):
+            out[r, c] = _f16_bits(bits[c], row[c])
+
+
+@numba.njit(nogil=True, cache=True)
+def _bf16_row(x, out):
+    """ggml_compute_fp32_to_bf16: round to nearest even on the bits; a NaN keeps its sign and high payload
+    and gets the quiet bit ((u >> 16) | 0x40)."""
+    xb = x.view(np.uint32)
+    for c in range(x.size):
+        u = xb[c]
+        nan = (u & _ABS_BITS) > np.uint32(0x7F800000)
+        rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+        out[c] = np.uint16((u >> np.uint32(16)) | np.uint32(0x40)) if nan else np.uint16(rounded)
+
+
+@numba.njit(nogil=True, cache=True)
+def _q8_0_rows(x, block, out):
+    blocks = x.shape[1] // max(1, block)
+    amax, d, inv = np.empty(blocks, np.float32), np.empty(blocks, np.float32), np.empty(blocks, np.float32)
+    odd = 0
+    for r in range(x.shape[0]):
+        _block_amax(x[r], block, amax)
+        odd += _q8_0_row(x[r], amax, block, d, inv, out[r])
+    return odd
+
+
+@numba.njit(nogil=True, cache=True)
+def _bf16_rows(x, out):
+    for r in range(x.shape[0]):
+        _bf16_row(x[r], out[r])
+
+
+@numba.njit(nogil=True, cache=True)
+def _e4m3_q8_0_rows(raw, scale, block_rows, block_cols, first_row, block, out):
+    if block <= 0:
+        return 0
+    cols = raw.shape[1]
+    blocks = cols // block
+    x, bits = np.empty(cols, np.float32), np.empty(block_cols, np.uint32)
+    amax, d, inv = np.empty(blocks, np.float32), np.empty(blocks, np.float32), np.empty(blocks, np.float32)
+    top, top_bits = np.empty(blocks, np.uint8), np.empty(max(1, block_cols // block), np.uint32)
+    top_scale = np.empty(scale.shape[1], np.float32)
+    # When every Q8_0 block lies inside one FP8 tile (Qwen's 128-wide tiles), its largest |x| is the decoded
+    # largest magnitude byte times |scale|, exactly (rounding is monotonic); a max over bytes is 4x less data.
+    by_bytes = block_cols % block == 0
+    odd = 0
+    for r in range(raw.shape[0]):
+        srow = scale[(first_row + r) // block_rows]
+        _decode_e4m3_row(raw[r], srow, block_cols, bits, x)
+        if by_bytes:
+            row = raw[r]
+            for k in range(blocks):
+                m = np.uint8(0)
+                for i in range(block):
+                    v = row[k * block + i] & _E4M3_NAN_BYTE
+                    m = v if v > m else m
+                top[k] = m
+            for j in range(top_scale.size):
+                top_scale[j] = abs(srow[j])
+            _decode_e4m3_row(top, top_scale, block_cols // block, top_bits, amax)
+        else:
+            _block_amax(x, block, amax)
+        odd += _q8_0_row(x, amax, block, d, inv, out[r])
+    return odd
+
+
+@numba.njit(nogil=True, cache=True)
+def _e4m3_bf16_rows(raw, scale, block_rows, block_cols, first_row, out):
+    cols = raw.shape[1]
+    x, bits = np.empty(cols, np.float32), np.empty(block_cols, np.uint32)
+    for r in range(raw.shape[0]):
+        _decode_e4m3_row(raw[r], scale[(first_row + r) // block_rows], block_cols, bits, x)
+        _bf16_row(x, out[r])
+
+
+# ------------------------------------------------------------------------------------------------- encoders
 def quantize(x: torch.Tensor, qtype: gguf.GGMLQuantizationType | str) -> np.ndarray:
     """Encode ``x`` (row = last dim) as ``qtype``, bit-identical to ``gguf.quants.quantize(x.numpy(), qtype)``.
 
@@ -127,199 +310,123 @@ def quantize(x: torch.Tensor, qtype: gguf.GGMLQuantizationType | str) -> np.ndar
     if x.dtype != torch.float32:
         raise TypeError(f"quantize expects a float32 tensor, got {x.dtype} of shape {tuple(x.shape)}")
     nbytes = quantized_nbytes(x.shape, qtype)  # validates ndim and the block multiple
-    x = x.detach().cpu().contiguous()
-    shape = tuple(x.shape)
-
+    values = x.detach().cpu().contiguous().numpy()
+    shape = values.shape
     if qtype == _T.F32:
-        return x.numpy()  # gguf-py: data.astype(np.float32, copy=False)
-    if qtype == _T.F16:
-        bits = np.empty(x.numel(), dtype=np.uint16)
-        _to_f16(x.reshape(-1), bits)
-        return bits.view(np.float16).reshape(shape)
-    # Outputs are numpy allocations: large ones get transparent huge pages (far fewer page faults than
-    # a torch.empty of the same size).
+        return values  # gguf-py: data.astype(np.float32, copy=False)
     out = np.empty(nbytes, dtype=np.uint8)
+    byte_shape = (*shape[:-1], quantized_nbytes(shape[-1:], qtype))  # gguf-py's: byte rows
+    if values.size == 0:
+        return out.view(np.float16).reshape(shape) if qtype == _T.F16 else out.reshape(byte_shape)
+    rows = values.reshape(-1, shape[-1])
+    if qtype == _T.F16:  # gguf-py: numpy's astype(np.float16)
+        _f16_rows(rows, out.view(np.uint16).reshape(rows.shape))
+        return out.view(np.float16).reshape(shape)
     if qtype == _T.BF16:
-        _to_bf16(x.reshape(-1), out.view(np.uint16))
-        return out.reshape(*shape[:-1], shape[-1] * 2)
-    _to_q8_0(x.reshape(-1, 32), out.reshape(-1, 34))
-    return out.reshape(*shape[:-1], shape[-1] // 32 * 34)
+        _bf16_rows(rows, out.view(np.uint16).reshape(rows.shape))
+        return out.reshape(byte_shape)
+    out = out.reshape(rows.shape[0], -1)
+    if _q8_0_rows(rows, _Q8_0_BLOCK, out):
+        _encode_odd_q8_0_blocks(out, rows)
+    return out.reshape(byte_shape)
 
 
-def _run_pieces(n_pieces: int, work: Callable[[int, int], None]) -> None:
-    """Call ``work(lo, hi)`` on consecutive ranges covering pieces 0..n_pieces-1, on a small thread pool."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(torch.get_num_threads(), cores, n_pieces)
-    if workers <= 1:
-        work(0, n_pieces)
-        return
-    bounds = np.linspace(0, n_pieces, min(n_pieces, workers * _PIECES_PER_WORKER) + 1).astype(int).tolist()
-    with ThreadPoolExecutor(workers, thread_name_prefix="so8t-quants") as pool:
-        for f in [pool.submit(work, lo, hi) for lo, hi in itertools.pairwise(bounds)]:
-            f.result()  # re-raises a worker's exception
+def _encode_odd_q8_0_blocks(out: np.ndarray, values: np.ndarray) -> None:
+    """gguf-py's bytes for the blocks the kernel leaves (NaN/Inf, or a float32-subnormal scale)."""
+    flat = values.reshape(-1, _Q8_0_BLOCK)
+    with np.errstate(all="ignore"):
+        d = np.abs(flat).max(axis=1) / np.float32(127)
+        left = np.flatnonzero(~((d == 0) | ((d >= _F32_TINY) & np.isfinite(d))))
+        out.reshape(-1, _Q8_0_BYTES)[left] = gguf.quants.quantize(flat[left], _T.Q8_0)
 
 
-# --------------------------------------------------------------------------------------- F16 / BF16
+# ------------------------------------------------------------------------------------------------- block FP8
+@dataclass(frozen=True)
+class BlockFP8:
+    """Rows of a block-FP8 weight as Qwen3-FP8 and DeepSeek-V3 store it: e4m3 values, and one float32
+    multiplier per ``block`` = (rows, cols) tile (``weight_scale_inv``: a multiplier despite its name).
 
-
-def _to_f16(x: torch.Tensor, out: np.ndarray) -> None:
-    """numpy ``x.astype(np.float16)`` of 1-D float32 ``x``, as bits into uint16 ``out``.
-
-    Finite values and infinities: torch's fp32->fp16 cast is IEEE round-to-nearest-even, as is numpy's.
-    NaN: numpy truncates the payload (keeping it a NaN), torch/F16C set the quiet bit instead, so NaN
-    elements are redone by numpy itself.
+    ``first_row`` is the offset of ``weight``'s first row inside the first tile row of ``scale_inv``, so a row
+    range of a tensor is a BlockFP8 too. Edge tiles that don't divide the shape use their scale for the
+    part they cover.
     """
-    if not _torch_f16_matches_numpy():
-        with np.errstate(over="ignore"):  # |x| > 65504 -> inf is the defined result
-            out[:] = x.numpy().astype(np.float16).view(np.uint16)
-        return
-    _convert(
-        x, torch.from_numpy(out).view(torch.float16), out, lambda src: src.astype(np.float16).view(np.uint16)
-    )
+
+    weight: np.ndarray  # uint8 bytes of float8_e4m3fn, [rows, cols]
+    scale_inv: np.ndarray  # float32 [tile rows covered, ceil(cols / block cols)]
+    block: tuple[int, int]
+    first_row: int = 0  # < block rows
+
+    def __post_init__(self):
+        rows, cols = self.weight.shape
+        br, bc = self.block
+        if not 0 <= self.first_row < br:
+            raise ValueError(f"first_row {self.first_row}; expected an offset in [0, {br})")
+        expected = (math.ceil((self.first_row + rows) / br), math.ceil(cols / bc))
+        if self.scale_inv.shape != expected:
+            raise ValueError(f"scale_inv shape {self.scale_inv.shape}; expected {expected} for weight "
+                             f"{(rows, cols)} in {br}x{bc} blocks")
+        if self.weight.dtype != np.uint8 or self.scale_inv.dtype != np.float32:
+            raise TypeError(f"BlockFP8 holds uint8 weight bytes and float32 scales, got {self.weight.dtype} "
+                            f"and {self.scale_inv.dtype}")
+
+    @classmethod
+    def from_torch(cls, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                   first_row: int = 0) -> BlockFP8:
+        """From checkpoint tensors: float8_e4m3fn weight, scale_inv of any float dtype (bf16 in Qwen's)."""
+        if weight.dtype != torch.float8_e4m3fn:
+            raise TypeError(f"expected a float8_e4m3fn weight, got {weight.dtype}")
+        return cls(weight.contiguous().view(torch.uint8).numpy(),
+                   scale_inv.to(torch.float32).contiguous().numpy(), block, first_row)
+
+    def corner(self, rows: int, cols: int) -> BlockFP8:
+        """The top-left rows x cols of the tensor, with the scales of the tiles they touch."""
+        br, bc = self.block
+        scales = self.scale_inv[:math.ceil((self.first_row + rows) / br), :math.ceil(cols / bc)]
+        return BlockFP8(np.ascontiguousarray(self.weight[:rows, :cols]), np.ascontiguousarray(scales), self.block,
+                        self.first_row)
+
+    def _tiles(self) -> tuple:
+        return self.weight, self.scale_inv, self.block[0], self.block[1], self.first_row
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 values: e4m3 * scale_inv, one float32 rounding (llama.cpp converter's dequant_simple)."""
+        out = np.empty(self.weight.shape, np.float32)
+        _dequantize_e4m3(*self._tiles(), out)
+        return torch.from_numpy(out)
+
+    def nonfinite(self) -> int:
+        """How many values dequantise to NaN or Inf: NaN bytes, unless a scale could make more (cheap check)."""
+        scales = self.scale_inv
+        if np.isfinite(scales).all() and float(np.abs(scales).max(initial=0)) * _E4M3_MAX <= _F32_MAX:
+            return int(_count_e4m3_nan(self.weight))
+        return int((~torch.isfinite(self.dequantize())).sum())
+
+    def encode(self, qtype: gguf.GGMLQuantizationType | str) -> np.ndarray:
+        """``quantize(self.dequantize(), qtype)``, bit for bit, straight from the FP8 bytes for BF16 and Q8_0."""
+        qtype = resolve_qtype(qtype)
+        rows, cols = self.weight.shape
+        nbytes = quantized_nbytes((rows, cols), qtype)
+        if qtype in (_T.F32, _T.F16):
+            return quantize(self.dequantize(), qtype)
+        out = np.empty(nbytes, np.uint8).reshape(rows, -1)
+        if qtype == _T.BF16:
+            _e4m3_bf16_rows(*self._tiles(), out.view(np.uint16))
+            return out
+        if _e4m3_q8_0_rows(*self._tiles(), _Q8_0_BLOCK, out):
+            _encode_odd_q8_0_blocks(out, self.dequantize().numpy())
+        return out
 
 
-def _to_bf16(x: torch.Tensor, out: np.ndarray) -> None:
-    """ggml_compute_fp32_to_bf16 of 1-D float32 ``x``, as bits into uint16 ``out`` (gguf-py's BF16 bytes).
-
-    Non-NaN: bits = (u + 0x7fff + ((u >> 16) & 1)) >> 16, which is exactly torch's round-to-nearest-even
-    fp32->bf16 cast. NaN: ggml keeps sign and high payload and sets the quiet bit ((u >> 16) | 0x40); torch
-    writes a canonical NaN instead, so NaN elements are rewritten with ggml's formula.
-    """
-    out_t = torch.from_numpy(out)
-    if not _torch_bf16_matches_ggml():
-        xs, os_ = x.split(_PIECE), out_t.view(torch.int16).split(_PIECE)
-
-        def work_int(lo: int, hi: int) -> None:
-            for i in range(lo, hi):
-                os_[i].copy_(_bf16_bits_int(xs[i]))
-
-        _run_pieces(len(xs), work_int)
-        return
-
-    def fix_nan(src: np.ndarray) -> np.ndarray:
-        # For a NaN the rounding term cannot carry into the high half, so ggml's result is (u >> 16) | 0x40.
-        return ((src.view(np.uint32) >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
-
-    _convert(x, out_t.view(torch.bfloat16), out, fix_nan)
-
-
-def _convert(
-    x: torch.Tensor, out_t: torch.Tensor, out: np.ndarray, fix_nan: Callable[[np.ndarray], np.ndarray]
-) -> None:
-    """out_t[:] = x by torch's dtype cast, then out[i] = fix_nan(x[i]) wherever x[i] is NaN.
-
-    ``out_t`` (float16/bfloat16) and the uint16 array ``out`` share memory. Only a piece whose sum is not
-    finite can hold a NaN, so only those pieces are scanned element-wise afterwards.
-    """
-    xs, os_ = x.split(_PIECE), out_t.split(_PIECE)
-    sums = torch.empty(len(xs), dtype=torch.float32)
-
-    def work(lo: int, hi: int) -> None:
-        for i in range(lo, hi):
-            os_[i].copy_(xs[i])
-            torch.sum(xs[i], dim=0, out=sums[i])
-
-    _run_pieces(len(xs), work)
-    x_np = x.numpy()
-    for i in np.flatnonzero(~np.isfinite(sums.numpy())).tolist():
-        a, b = i * _PIECE, min((i + 1) * _PIECE, x_np.size)
-        nan = np.isnan(x_np[a:b])
-        if nan.any():
-            out[a:b][nan] = fix_nan(x_np[a:b][nan])
-
-
-def _bf16_bits_int(x: torch.Tensor) -> torch.Tensor:
-    """ggml's BF16 formula in int32 arithmetic (no overflow: NaNs are quieted first and the largest non-NaN
-    sum is 0x7f807fff); the int16 cast keeps the low 16 bits, as numpy's uint16 cast does."""
-    n = x.view(torch.int32)
-    nan = (n & 0x7FFFFFFF) > 0x7F800000
-    n = torch.where(nan, (n & -65536) | (64 << 16), n)
-    n = (n + (0x7FFF + ((n >> 16) & 1))) >> 16
-    return n.to(torch.int16)
-
-
-@functools.cache
-def _probe_bits() -> np.ndarray:
-    """Every sign/exponent/high-mantissa pattern with the low bits that decide fp16 (13 dropped bits) and
-    bf16 (16 dropped bits) rounding: ties, one ulp either side, all-ones."""
-    hi = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)
-    lo = np.array(
-        [0, 1, 0x0FFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x3000, 0x7FFF, 0x8000, 0x8001, 0xFFFF],
-        dtype=np.uint32,
-    )
-    return (hi[:, None] | lo[None, :]).ravel()
-
-
-@functools.cache
-def _torch_f16_matches_numpy() -> bool:
-    """Probe torch's fp32->fp16 cast against numpy on ``_probe_bits`` (NaNs excluded: handled apart).
-    Guards against a CPU/kernel path that flushes subnormals or rounds differently; then numpy is used."""
-    f = _probe_bits().view(np.float32)
-    f = f[~np.isnan(f)]
-    got = torch.from_numpy(f).to(torch.float16).view(torch.int16).numpy()
-    with np.errstate(over="ignore"):  # overflow to inf is part of what is probed
-        want = f.astype(np.float16)
-    return bool(np.array_equal(got, want.view(np.int16)))
-
-
-@functools.cache
-def _torch_bf16_matches_ggml() -> bool:
-    """Probe torch's fp32->bf16 cast against ggml's integer formula on ``_probe_bits`` (e.g. AVX512-BF16's
-    vcvtneps2bf16 treats subnormal inputs as zero, which would be caught here; then the formula is used)."""
-    f = torch.from_numpy(_probe_bits().view(np.float32))
-    f = f[~torch.isnan(f)]
-    return bool(torch.equal(f.to(torch.bfloat16).view(torch.int16), _bf16_bits_int(f)))
-
-
-# -------------------------------------------------------------------------------------------- Q8_0
-
-
-def _to_q8_0(blocks: torch.Tensor, out: np.ndarray) -> None:
-    """quantize_row_q8_0_ref of (n_blocks, 32) float32 ``blocks`` into (n_blocks, 34) uint8 ``out``.
-
-    Per block, exactly as gguf-py (numpy float32): d = amax/127; id = 0 if d == 0 else 1/d;
-    qs = roundf(x*id) as int8; stored as [fp16(d) little-endian, qs[32]].
-    Pass 1 (torch): amax per block, exact in any order, NaN-propagating. Between the passes numpy computes
-    d, id and fp16(d) for all blocks with gguf-py's own expressions. Pass 2 (torch): |x|*id is the same IEEE
-    float32 product as x*id up to sign (id >= 0); roundf(v) = sign(v) * trunc(|v| + 0.49999997), with the
-    sign copied from x and the trunc done by the float->int8 cast.
-    """
-    nb = blocks.shape[0]
-    rows = _PIECE // 32
-    xs = blocks.split(rows)
-    amax = torch.empty(nb, dtype=torch.float32)
-    amaxs = amax.split(rows)
-
-    def pass1(lo: int, hi: int) -> None:
-        scratch = torch.empty((rows, 32), dtype=torch.float32)
-        for i in range(lo, hi):
-            a = scratch[: len(xs[i])]
-            torch.abs(xs[i], out=a)
-            torch.amax(a, dim=1, out=amaxs[i])
-
-    _run_pieces(len(xs), pass1)
-
-    d = amax.numpy() / np.float32(127)
-    with np.errstate(divide="ignore", over="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32, copy=False)
-        out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(nb, 2)  # > 65504 -> inf, as in gguf-py
-    invs = torch.from_numpy(inv)[:, None].split(rows)
-    qs = torch.from_numpy(out)[:, 2:].view(torch.int8).split(rows)
-
-    def pass2(lo: int, hi: int) -> None:
-        scratch = torch.empty((rows, 32), dtype=torch.float32)
-        for i in range(lo, hi):
-            v = scratch[: len(xs[i])]
-            torch.abs(xs[i], out=v)
-            v.mul_(invs[i]).add_(_HALF_DOWN).copysign_(xs[i])
-            qs[i].copy_(v)  # float -> int8 truncates toward zero; |v| < 128 in every well-defined block
-
-    _run_pieces(len(xs), pass2)
-
-    # NaN/Inf blocks and blocks with a subnormal non-zero scale (undefined casts, see _FLT_MIN): gguf-py
-    # encodes exactly those blocks, so the result still equals what it writes.
-    odd = ~((d == 0) | ((d >= _FLT_MIN) & np.isfinite(d)))
-    if odd.any():
-        idx = np.flatnonzero(odd)
-        with np.errstate(all="ignore"):
-            out[idx] = gguf.quants.quantize(blocks.numpy()[idx], _T.Q8_0)
+def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The way Qwen ships FP8 (for test and benchmark checkpoints): per-block scale = amax / 448, weight / scale
+    as e4m3. Returns (float8_e4m3fn weight, float32 scale_inv)."""
+    rows, cols = weight.shape
+    br, bc = block
+    nr, nc = math.ceil(rows / br), math.ceil(cols / bc)
+    padded = torch.zeros(nr * br, nc * bc, dtype=torch.float32)
+    padded[:rows, :cols] = weight.float()
+    tiles = padded.view(nr, br, nc, bc)
+    amax = tiles.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / _E4M3_MAX, torch.ones_like(amax))
+    q = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn).view(nr * br, nc * bc)[:rows, :cols]
+    return q.contiguous(), scale

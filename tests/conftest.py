@@ -39,6 +39,57 @@ def so8t_dir(qwen3_dir, tmp_path_factory):
     return out
 
 
+FP8_BLOCK = (48, 40)  # divides none of 64, 128, 256: every tensor has edge blocks
+
+
+@pytest.fixture(scope="session")
+def fp8_dir(qwen3_dir, tmp_path_factory):
+    """The tiny model shipped the way Qwen ships FP8: e4m3 weights, bf16 weight_scale_inv per block."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from so8t_export.quants import quantize_fp8
+
+    out = tmp_path_factory.mktemp("fp8") / "tiny-fp8"
+    shutil.copytree(qwen3_dir, out)
+    fp8 = {}
+    for name, tensor in load_file(str(out / "model.safetensors")).items():
+        if tensor.ndim == 2 and "embed" not in name:
+            q, scale = quantize_fp8(tensor, FP8_BLOCK)
+            fp8[name], fp8[name.removesuffix(".weight") + ".weight_scale_inv"] = q, scale.to(torch.bfloat16)
+        else:
+            fp8[name] = tensor.to(torch.bfloat16)
+    save_file(fp8, str(out / "model.safetensors"))
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(FP8_BLOCK)}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="session")
+def fp8_dense_dir(fp8_dir, tmp_path_factory):
+    """fp8_dir's weights dequantised to float32, without quantization_config."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from so8t_export.checkpoint import CheckpointReader
+
+    out = tmp_path_factory.mktemp("fp8-dense") / "tiny-fp8-dense"
+    shutil.copytree(fp8_dir, out)
+    reader = CheckpointReader(fp8_dir)
+    save_file({n: reader.read(n) for n in reader.names()}, str(out / "model.safetensors"))
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
 def require_llama_cpp():
     try:
         import llama_cpp  # noqa: F401

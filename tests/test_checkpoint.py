@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from so8t_export.checkpoint import CheckpointError, CheckpointReader, dequantize_fp8, quantize_fp8
+from so8t_export.checkpoint import CheckpointError, CheckpointReader
 from so8t_export.config import ConfigError
 from so8t_export.demo import write_tiny_qwen3
 from so8t_export.model import SO8TTransformerForCausalLM
 from so8t_export.triality import RotationError
 
 TOKENS = torch.arange(3, 40).view(1, -1)
-FP8_BLOCK = (48, 40)  # divides none of 64, 128, 256: every tensor has edge blocks
+from conftest import FP8_BLOCK
 
 
 def logits(model):
@@ -36,27 +36,6 @@ def numpy_dequant(weight_fp8: torch.Tensor, scale: torch.Tensor, block) -> np.nd
     return out.astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def fp8_dir(qwen3_dir, tmp_path_factory):
-    """The tiny model shipped the way Qwen ships FP8: e4m3 weights, bf16 weight_scale_inv per block."""
-    out = tmp_path_factory.mktemp("fp8") / "tiny-fp8"
-    shutil.copytree(qwen3_dir, out)
-    state = load_file(str(out / "model.safetensors"))
-    fp8 = {}
-    for name, tensor in state.items():
-        if tensor.ndim == 2 and "embed" not in name:
-            q, scale = quantize_fp8(tensor, FP8_BLOCK)
-            fp8[name], fp8[name.removesuffix(".weight") + ".weight_scale_inv"] = q, scale.to(torch.bfloat16)
-        else:
-            fp8[name] = tensor.to(torch.bfloat16)
-    save_file(fp8, str(out / "model.safetensors"))
-    config = json.loads((out / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": list(FP8_BLOCK)}
-    (out / "config.json").write_text(json.dumps(config))
-    return out
-
-
 def test_fp8_loads_to_the_independent_dequantisation(fp8_dir):
     reader = CheckpointReader(fp8_dir)
     raw = load_file(str(fp8_dir / "model.safetensors"))
@@ -72,23 +51,22 @@ def test_fp8_loads_to_the_independent_dequantisation(fp8_dir):
         assert chunks.shape[0] == rows and np.array_equal(chunks.numpy(), expected)
 
 
-def test_fp8_model_equals_model_from_dequantised_weights(fp8_dir, tmp_path):
-    reader = CheckpointReader(fp8_dir)
-    dense = tmp_path / "dense"
-    shutil.copytree(fp8_dir, dense)
-    save_file({n: reader.read(n) for n in reader.names()}, str(dense / "model.safetensors"))
-    config = json.loads((dense / "config.json").read_text())
-    del config["quantization_config"]
-    (dense / "config.json").write_text(json.dumps(config))
+def test_fp8_model_equals_model_from_dequantised_weights(fp8_dir, fp8_dense_dir):
     a = SO8TTransformerForCausalLM.from_pretrained(fp8_dir, torch_dtype=torch.float32)
-    b = SO8TTransformerForCausalLM.from_pretrained(dense, torch_dtype=torch.float32)
+    b = SO8TTransformerForCausalLM.from_pretrained(fp8_dense_dir, torch_dtype=torch.float32)
     assert torch.equal(logits(a).logits, logits(b).logits)
 
 
-def test_dequantize_rejects_a_scale_of_the_wrong_shape():
-    w = torch.zeros(100, 70).to(torch.float8_e4m3fn)
-    with pytest.raises(CheckpointError, match=r"scale_inv shape \(2, 2\); expected \(4, 3\)"):
-        dequantize_fp8(w, torch.ones(2, 2), (32, 32))
+def test_a_scale_of_the_wrong_shape_names_the_tensor(fp8_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(fp8_dir, bad)
+    state = load_file(str(bad / "model.safetensors"))
+    state["model.layers.1.mlp.up_proj.weight_scale_inv"] = torch.ones(2, 2, dtype=torch.bfloat16)
+    save_file(state, str(bad / "model.safetensors"))
+    reader = CheckpointReader(bad)
+    with pytest.raises(CheckpointError, match=r"up_proj.weight_scale_inv has shape \(2, 2\); expected \(\d+, \d+\) "
+                                              r"for model.layers.1.mlp.up_proj.weight"):
+        reader.read("model.layers.1.mlp.up_proj.weight")
 
 
 def test_sharded_and_low_precision_sources(qwen3_dir, tmp_path):

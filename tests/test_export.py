@@ -1,14 +1,21 @@
 """GGUF export: metadata schema read back by gguf-py, plain-Qwen3 round trip, CLI, and bad input."""
 
+import hashlib
+import json
 import shutil
 
 import gguf
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+from so8t_export import export
+from so8t_export.checkpoint import CheckpointReader
 from so8t_export.cli import main
+from so8t_export.config import SO8TConfig
+from so8t_export.demo import write_tiny_qwen3
 from so8t_export.export import ExportError, export_gguf
 from so8t_export.metadata import read_so8t_metadata
 from so8t_export.model import SO8TTransformerForCausalLM
@@ -74,8 +81,56 @@ def test_metadata_round_trips_heads_and_rotations(so8t_dir, f32_file):
     assert meta.mlp_rotation_types.tolist() == [0, 1]
     assert all(meta.flags[f] for f in FLAGS)
     files = sorted(so8t_dir.glob("*.safetensors"))
-    import hashlib
     assert meta.source_sha256 == hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+
+
+class _FileObjectArray:
+    """An array whose tofile writes through the file object's write(), as the exporter's streamed tensors do
+    (ndarray.tofile needs an OS file)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.nbytes = array, array.nbytes
+
+    def tofile(self, fout) -> None:
+        fout.write(self.array.data)
+
+
+@pytest.mark.parametrize("direct_io", [export.DIRECT_IO, 0], ids=["O_DIRECT", "page-cache"])
+def test_tensor_data_through_direct_file_is_what_gguf_writer_writes(tmp_path, monkeypatch, direct_io):
+    """DirectFile only changes how bytes reach the disk: the file equals GGUFWriter's own, byte for byte, with
+    a staging buffer far smaller than the data and a header that ends inside a 4 KiB block."""
+    monkeypatch.setattr(export, "DIRECT_IO", direct_io)
+    monkeypatch.setattr(export, "DIRECT_STAGING", 2 * export.DIRECT_ALIGN)
+    rng = np.random.default_rng(0)
+    arrays = {f"t{i}": rng.standard_normal(n).astype(np.float32) for i, n in enumerate([3, 5000, 1, 4096, 777])}
+    files = {}
+    for kind in ("plain", "direct"):
+        path = tmp_path / f"{kind}.gguf"
+        writer = gguf.GGUFWriter(path, "qwen3")
+        writer.add_string("padding.key", "x" * 5000)
+        for name, array in arrays.items():
+            writer.add_tensor_info(name, array.shape, array.dtype, array.nbytes)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        if kind == "direct":
+            end = writer.fout[0].tell()
+            assert end % export.DIRECT_ALIGN
+            writer.fout[0].close()
+            writer.fout[0] = export.DirectFile(path, end)
+        for array in arrays.values():
+            writer.write_tensor_data(array if kind == "plain" else _FileObjectArray(array))
+        writer.close()
+        files[kind] = path.read_bytes()
+    assert files["direct"] == files["plain"]
+
+
+def test_source_hash_over_many_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "HASH_BLOCK", 4096)
+    write_tiny_qwen3(tmp_path / "sharded", shards=3)
+    files = sorted((tmp_path / "sharded").glob("*.safetensors")) + [tmp_path / "empty"]
+    files[-1].write_bytes(b"")
+    assert export.hash_files(files) == hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
 @pytest.mark.parametrize("quant", ["f32", "bf16"])
@@ -83,7 +138,9 @@ def test_plain_qwen3_folds_back_to_its_own_weights(qwen3_dir, tmp_path, quant):
     out = tmp_path / f"plain-{quant}.gguf"
     report = export_gguf(qwen3_dir, out, quant=quant)
     # bounded by the float32 rotation buffers (orthogonal to ~1e-7), checked on the absorbed SO8T model
-    assert report.source_kind == "qwen3" and report.fold_max_abs_error < 1e-5
+    assert report.source_kind == "qwen3" and 0 < report.fold_max_abs_error < 1e-5
+    meta = read_so8t_metadata(gguf.GGUFReader(out), out)  # the placeholder was patched in place
+    assert meta.fold_max_abs_error == np.float32(report.fold_max_abs_error)
     source = load_file(str(qwen3_dir / "model.safetensors"))
     tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
     for hf, name in [("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight"),
@@ -143,6 +200,37 @@ def test_output_in_missing_folder(so8t_dir, tmp_path):
     result = CliRunner().invoke(main, ["gguf", str(so8t_dir), "-o", str(tmp_path / "nope" / "x.gguf")])
     assert result.exit_code == 1 and "output folder" in result.output and "does not exist" in result.output
     assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "bf16", "f16"])
+def test_fp8_source_exports_as_its_dequantised_copy(fp8_dir, fp8_dense_dir, tmp_path, monkeypatch, quant):
+    """FP8 chunks go straight from their bytes to GGUF: every tensor equals the export of the float32 copy, byte
+    for byte. Small chunks make row ranges start inside the 48-row FP8 tiles."""
+    monkeypatch.setattr(export, "CHUNK_ELEMENTS", 1 << 12)
+    fp8 = export_gguf(fp8_dir, tmp_path / "fp8.gguf", quant=quant)
+    dense = export_gguf(fp8_dense_dir, tmp_path / "dense.gguf", quant=quant)
+    assert fp8.fold_max_abs_error == dense.fold_max_abs_error
+    chunked = [job for job in export.plan_tensors(CheckpointReader(fp8_dir), SO8TConfig.from_dict(
+        json.loads((fp8_dir / "config.json").read_text())), quant)[0] if len(export.row_chunks(job, False)) > 1]
+    assert chunked, "no tensor was split into row chunks"
+    ours = {t.name: t for t in gguf.GGUFReader(tmp_path / "fp8.gguf").tensors}
+    reference = {t.name: t for t in gguf.GGUFReader(tmp_path / "dense.gguf").tensors}
+    assert ours.keys() == reference.keys()
+    for name, tensor in ours.items():
+        assert tensor.tensor_type == reference[name].tensor_type, name
+        assert np.asarray(tensor.data).tobytes() == np.asarray(reference[name].data).tobytes(), name
+
+
+def test_nan_in_an_fp8_tensor(fp8_dir, tmp_path):
+    folder = tmp_path / "nan"
+    shutil.copytree(fp8_dir, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    weight = state["model.layers.0.mlp.up_proj.weight"]
+    weight.view(torch.uint8)[5, 9] = 0x7F  # e4m3fn NaN
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ExportError, match=r"model.layers.0.mlp.up_proj.weight has 1 NaN or Inf values"):
+        export_gguf(folder, tmp_path / "x.gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

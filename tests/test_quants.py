@@ -14,6 +14,7 @@ Documented special values:
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from so8t_export.quants import FILE_TYPES, OUTPUT_TYPES, QuantError, quantize, quantized_nbytes
+from so8t_export.quants import FILE_TYPES, OUTPUT_TYPES, BlockFP8, QuantError, quantize, quantized_nbytes
 
 T = gguf.GGMLQuantizationType
 ALL = list(OUTPUT_TYPES.values())
@@ -221,29 +222,17 @@ def test_bulk_shape_crosses_chunk_boundaries():
         _check(x, qtype)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_thread_count_does_not_change_bytes(threads):
+def test_concurrent_calls_do_not_change_bytes():
+    """The kernels release the GIL and the exporter runs them on several threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
     x = _rng(10).standard_normal((700, 512), dtype=np.float32)
-    x[650, 7] = np.nan  # in the last piece
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    x[650, 7] = np.nan  # a block left to gguf-py
+    with ThreadPoolExecutor(3) as pool:
         for qtype in ALL:
-            _check(x, qtype)
-    finally:
-        torch.set_num_threads(old)
-
-
-@pytest.mark.parametrize("probe", ["_torch_bf16_matches_ggml", "_torch_f16_matches_numpy"])
-def test_fallback_paths_when_torch_cast_differs(monkeypatch, probe):
-    """If the start-up probe finds torch's cast differs from the reference on this CPU, the exact
-    fallback (ggml's integer formula / numpy) is used; it must be bit-identical too."""
-    import so8t_export.quants as q
-
-    assert getattr(q, probe)()  # on this machine torch's casts match
-    monkeypatch.setattr(q, probe, lambda: False)
-    for data in ("special_values", "random_bits", "normal"):
-        _check(DATASETS[data](), T.BF16 if "bf16" in probe else T.F16)
+            want = _check(x, qtype)
+            for got in pool.map(lambda _: quantize(torch.from_numpy(x), qtype), range(6)):
+                _same(got, want)
 
 
 def test_inputs_noncontiguous_and_half_precision():
@@ -414,3 +403,83 @@ def test_bit_identical_to_libggml(data, qtype):
         assert np.all(np.isnan(o16[~keep].view(np.float16))) and np.all(np.isnan(r16[~keep].view(np.float16)))
         ours, ref = o16[keep], r16[keep]
     _same(ours, ref)
+
+
+# ------------------------------------------------------------------------------------------- block FP8
+# The reference is the plain torch expression the converter uses: weight.float() * scale, per tile.
+
+
+def _torch_dequant(fp8: BlockFP8) -> torch.Tensor:
+    br, bc = fp8.block
+    values = torch.from_numpy(fp8.weight).view(torch.float8_e4m3fn).float()
+    scale = torch.from_numpy(fp8.scale_inv).repeat_interleave(br, 0).repeat_interleave(bc, 1)
+    rows, cols = values.shape
+    return values * scale[fp8.first_row : fp8.first_row + rows, :cols]
+
+
+def _fp8(rows, cols, block, first_row=0, seed=0, scales=None) -> BlockFP8:
+    r = _rng(seed)
+    weight = r.integers(0, 256, (rows, cols), dtype=np.uint8)
+    weight[(weight & 0x7F) == 0x7F] ^= 1  # no NaN unless a test puts one in
+    shape = (math.ceil((first_row + rows) / block[0]), math.ceil(cols / block[1]))
+    scale = r.uniform(1e-4, 1e-2, shape).astype(np.float32) if scales is None else np.resize(scales, shape)
+    return BlockFP8(weight, scale.astype(np.float32), block, first_row)
+
+
+def _check_fp8(fp8: BlockFP8) -> None:
+    reference = _torch_dequant(fp8)
+    ours = fp8.dequantize()
+    assert torch.equal(ours.view(torch.int32), reference.view(torch.int32)) or (
+        torch.equal(torch.isnan(ours), torch.isnan(reference))
+        and torch.equal(ours[~torch.isnan(ours)], reference[~torch.isnan(reference)])
+    )
+    assert fp8.nonfinite() == int((~torch.isfinite(reference)).sum())
+    for qtype in ALL:
+        _same(fp8.encode(qtype), _check(reference.numpy(), qtype))
+
+
+def test_fp8_decodes_every_byte_like_torch():
+    """All 256 e4m3fn bytes (NaN and subnormals included) times ordinary, negative, tiny and special scales."""
+    weight = np.tile(np.arange(256, dtype=np.uint8), (2, 1))
+    for scale in (1.0, -0.75, 2.0**-130, 3e38, 0.0, -0.0, np.inf, np.nan):
+        fp8 = BlockFP8(weight, np.full((1, 1), scale, np.float32), (2, 256))
+        ours, reference = fp8.dequantize(), _torch_dequant(fp8)
+        nan = torch.isnan(reference)
+        assert torch.equal(torch.isnan(ours), nan), scale
+        assert torch.equal(ours[~nan].view(torch.int32), reference[~nan].view(torch.int32)), scale
+
+
+@pytest.mark.parametrize(
+    "rows, cols, block, first_row",
+    [(256, 512, (128, 128), 0), (100, 320, (128, 128), 37), (97, 96, (48, 40), 5), (64, 160, (16, 64), 0),
+     (7, 32, (128, 128), 127)],
+    ids=["qwen-tiles", "row-range", "edge-tiles-40-wide", "64-wide", "one-partial-tile"],
+)
+def test_fp8_encode_equals_quantize_of_dequantize(rows, cols, block, first_row):
+    _check_fp8(_fp8(rows, cols, block, first_row))
+
+
+def test_fp8_special_values_take_the_exact_path():
+    fp8 = _fp8(256, 256, (128, 128), seed=1)
+    fp8.weight[3, 40] = 0x7F  # NaN byte
+    fp8.weight[200, 7] = 0xFF  # negative NaN byte
+    fp8.weight[130, 128:160] = 0x80  # a block of negative zeros
+    _check_fp8(fp8)
+    for scales in ([np.inf, 1e-3], [1e38, 1e-3], [1e-42, 1e-3], [0.0, -1e-3], [np.nan, 1e-3], [2e-37, 5e-39]):
+        _check_fp8(_fp8(256, 256, (128, 128), seed=2, scales=np.float32(scales)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 6), st.sampled_from([(128, 128), (32, 32), (8, 96), (48, 40)]),
+       st.integers(0, 127), st.integers(0, 2**32 - 1))
+def test_property_fp8_encode(rows, blocks, block, first_row, seed):
+    _check_fp8(_fp8(rows, 32 * blocks, block, first_row % block[0], seed=seed))
+
+
+def test_fp8_rejects_inconsistent_tiles():
+    with pytest.raises(ValueError, match=r"scale_inv shape \(2, 2\); expected \(4, 3\)"):
+        BlockFP8(np.zeros((100, 70), np.uint8), np.ones((2, 2), np.float32), (32, 32))
+    with pytest.raises(ValueError, match="first_row 40"):
+        BlockFP8(np.zeros((8, 32), np.uint8), np.ones((1, 1), np.float32), (32, 32), first_row=40)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        BlockFP8.from_torch(torch.zeros(4, 4), torch.ones(1, 1), (4, 4))
