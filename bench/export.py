@@ -14,6 +14,8 @@ Steps
   permitted), read the source safetensors once (so every command starts with the source hot and nothing else
   cached), run the command as a subprocess and take its peak RSS from wait4's rusage, then `sync` so that the
   "+sync" column includes flushing the output to disk.
+- disk: the write limit measured in the same run (random data, 32 MiB blocks, buffered+fsync and O_DIRECT),
+  and how many of our tensors are byte-identical to the converter's.
 - --parity: the PyTorch reference (SO8TTransformerForCausalLM, bf16 on CPU, loaded from the FP8 checkpoint)
   vs llama.cpp (SO8TRuntime) on our q8_0 and bf16 exports: max |logit diff|, mean KLD(ref || gguf), top-1.
 - --decode: tokens/s of our q8_0 export vs the converter's q8_0 GGUF, same llama.cpp settings (n_threads=2),
@@ -116,7 +118,9 @@ def run_measured(argv: list[str], env=None) -> dict:
         status_file = f"/proc/{proc.pid}/status"
         while not stop.is_set():
             try:
-                for line in open(status_file):
+                with open(status_file) as f:
+                    lines = f.readlines()
+                for line in lines:
                     key = line.split(":", 1)[0]
                     if key in peaks:
                         peaks[key] = max(peaks[key], int(line.split()[1]))
@@ -126,9 +130,7 @@ def run_measured(argv: list[str], env=None) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    out_chunks = []
-    for line in proc.stdout:  # drain so the child never blocks on a full pipe
-        out_chunks.append(line)
+    out_chunks = list(proc.stdout)  # drain so the child never blocks on a full pipe
     stop.set()
     sampler.join()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -142,10 +144,11 @@ def run_measured(argv: list[str], env=None) -> dict:
 
 
 def ours_cmd(src: Path, quant: str, out: Path) -> list[str]:
-    # so8t-export gguf SRC --quant Q -o OUT (the console script's entry point, via python -c when not installed).
-    exe = shutil.which("so8t-export")
-    if exe:
-        return [exe, "gguf", str(src), "--quant", quant, "-o", str(out)]
+    # so8t-export gguf SRC --quant Q -o OUT: the console script pip installed beside this interpreter (not a
+    # version-manager shim found on PATH, which adds its own start-up), via python -c when not installed.
+    exe = Path(sys.executable).parent / "so8t-export"
+    if exe.is_file():
+        return [str(exe), "gguf", str(src), "--quant", quant, "-o", str(out)]
     return [sys.executable, "-c", "from so8t_export.cli import main; main()", "gguf", str(src), "--quant", quant,
             "-o", str(out)]
 
@@ -167,8 +170,8 @@ def export_table(fp8_dir: Path, llama_dir: Path, out_dir: Path, quants: list[str
     log("warm-up: importing both tools once")
     subprocess.run([sys.executable, "-c", "import so8t_export.export, so8t_export.cli, torch, gguf, numpy"],
                    env=env, check=True)
-    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(llama_dir)!r}); "
-                    "import convert_hf_to_gguf"], env=env, check=True)
+    subprocess.run([sys.executable, "-c", (f"import sys; sys.path.insert(0, {str(llama_dir)!r}); "
+                                           "import convert_hf_to_gguf")], env=env, check=True)
 
     results = []
     for label, tool, quant, make_cmd, out in runs:
@@ -191,9 +194,49 @@ def export_table(fp8_dir: Path, llama_dir: Path, out_dir: Path, quants: list[str
     return results
 
 
-def print_table(results: list[dict]) -> str:
-    lines = [f"{'command':<38} {'wall s':>8} {'+sync s':>8} {'peak RSS MB':>12} {'anon MB':>8} {'file MB':>8} "
-             f"{'output GB':>10} {'load':>6}"]
+def disk_anchor(out_dir: Path, nbytes: int) -> dict:
+    """The disk's write limits, measured like the commands (page cache dropped first): nbytes of random data
+    written in 32 MiB blocks through the page cache then fsync'd, and with O_DIRECT (what our exporter uses)."""
+    import mmap
+
+    block = mmap.mmap(-1, 32 << 20)
+    block.write(os.urandom(32 << 20))
+    count = max(1, int(nbytes) // len(block))
+    path = out_dir / "disk-anchor.bin"
+    result = {"gb": count * len(block) / 1e9}
+    for label, flags in (("buffered+fsync", 0), ("O_DIRECT", getattr(os, "O_DIRECT", 0))):
+        path.unlink(missing_ok=True)
+        drop_caches()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags)
+        start = time.perf_counter()
+        for _ in range(count):
+            os.write(fd, block)
+        os.fsync(fd)
+        result[label] = result["gb"] / (time.perf_counter() - start)
+        os.close(fd)
+    path.unlink(missing_ok=True)
+    log(f"disk: {result['gb']:.2f} GB written in 32 MiB blocks: buffered+fsync {result['buffered+fsync']:.2f} GB/s, "
+        f"O_DIRECT {result['O_DIRECT']:.2f} GB/s")
+    return result
+
+
+def identical_tensors(ours: Path, theirs: Path) -> str:
+    """How many tensors of our file have exactly the converter's type, shape and bytes."""
+    import gguf
+    import numpy as np
+
+    a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    same = sum(name in b and a[name].tensor_type == b[name].tensor_type
+               and list(a[name].shape) == list(b[name].shape)
+               and np.array_equal(np.asarray(a[name].data).view(np.uint8), np.asarray(b[name].data).view(np.uint8))
+               for name in a)
+    return f"{same}/{len(a)} tensors byte-identical to the converter's ({len(b)} in its file)"
+
+
+def print_table(results: list[dict], disk: dict | None = None) -> str:
+    lines = [(f"{'command':<38} {'wall s':>8} {'+sync s':>8} {'peak RSS MB':>12} {'anon MB':>8} {'file MB':>8} "
+              f"{'output GB':>10} {'load':>6}")]
     for r in results:
         status = "" if r["rc"] == 0 else f"  FAILED rc={r['rc']}"
         lines.append(f"{r['label']:<38} {r['wall']:>8.1f} {r['wall_sync']:>8.1f} {r['rss_mb']:>12.0f} "
@@ -207,6 +250,17 @@ def print_table(results: list[dict]) -> str:
         if a and b and a["rc"] == 0 and b["rc"] == 0:
             lines.append(f"  {quant:<6} wall {a['wall'] / b['wall']:.3f}  wall+sync {a['wall_sync'] / b['wall_sync']:.3f}"
                          f"  peak RSS {a['rss_mb'] / b['rss_mb']:.3f}  size {a['size_gb'] / b['size_gb']:.4f}")
+    if disk:
+        lines.append(f"disk write limit (measured in this run): buffered+fsync {disk['buffered+fsync']:.2f} GB/s, "
+                     f"O_DIRECT {disk['O_DIRECT']:.2f} GB/s")
+        for r in results:
+            if r["tool"] == "ours" and r["rc"] == 0:
+                lines.append(f"  {r['label']}: {r['size_gb']:.2f} GB in {r['wall']:.1f} s = "
+                             f"{r['size_gb'] / r['wall']:.2f} GB/s overall; the O_DIRECT write alone needs "
+                             f"{r['size_gb'] / disk['O_DIRECT']:.1f} s")
+    for r in results:
+        if r["tool"] == "ours" and r.get("identical"):
+            lines.append(f"  {r['quant']}: {r['identical']}")
     lines.append("peak RSS = ru_maxrss (wait4); anon/file MB = peaks of RssAnon/RssFile sampled every 0.1 s")
     lines.append("load = 1-min load average just before the command (2 cores; >2 means other work was running)")
     if not all(r["dropped"] for r in results):
@@ -306,8 +360,8 @@ def decode(ggufs: dict[str, Path], n_decode: int = 32, repeats: int = 3, n_threa
     for _ in range(repeats):  # interleaved, so drift hits both files alike
         for label, llm in llms.items():
             speeds[label].append(one_run(llm))
-    lines = [f"decode: {len(prompt)}-token prompt, {n_decode} greedy tokens, n_threads={n_threads}, "
-             f"median of {repeats} interleaved runs, load average at end {os.getloadavg()[0]:.2f}",
+    lines = [(f"decode: {len(prompt)}-token prompt, {n_decode} greedy tokens, n_threads={n_threads}, "
+              f"median of {repeats} interleaved runs, load average at end {os.getloadavg()[0]:.2f}"),
              f"{'file':<18} {'tok/s (median)':>15} {'runs':>30}"]
     for label, s in speeds.items():
         lines.append(f"{label:<18} {statistics.median(s):>15.3f} {', '.join(f'{x:.3f}' for x in s):>30}")
@@ -343,7 +397,8 @@ def decode(ggufs: dict[str, Path], n_decode: int = 32, repeats: int = 3, n_threa
 def machine() -> str:
     cpu = ""
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -372,7 +427,13 @@ def main(argv=None) -> None:
     if not args.skip_export:
         llama_dir = fetch_converter(args.cache)
         results = export_table(fp8_dir, llama_dir, out_dir, quants)
-        report["table"] = print_table(results)
+        disk = disk_anchor(out_dir, max(r["size_gb"] for r in results if r["rc"] == 0) * 1e9)
+        for r in results:
+            theirs = out_dir / f"converter-{r['quant']}.gguf"
+            if r["tool"] == "ours" and r["rc"] == 0 and theirs.exists():
+                r["identical"] = identical_tensors(Path(r["out"]), theirs)
+        report["disk"] = disk
+        report["table"] = print_table(results, disk)
         report["runs"] = [{k: v for k, v in r.items() if k != "output"} for r in results]
     if args.parity:
         report["parity"] = parity(fp8_dir, {"ours q8_0": out_dir / "ours-q8_0.gguf",

@@ -41,8 +41,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from so8t_export.quants import quantize_fp8
 from so8t_export.demo import build_tokenizer
+from so8t_export.quants import quantize_fp8
 
 LAYERS = 36
 HIDDEN = 2560
@@ -148,7 +148,7 @@ class ShardedWriter:
             header["__metadata__"] = {"format": "pt"}
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)
-            f = open(folder / (fname + ".partial"), "wb")
+            f = open(folder / (fname + ".partial"), "wb")  # noqa: SIM115 (one per shard, closed in close())
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
             self.files[fname] = f

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import gc
 import hashlib
 import itertools
 import math
@@ -40,7 +41,8 @@ from .quants import FILE_TYPES, OUTPUT_TYPES, QuantError, quantize, quantized_nb
 from .rotation import RotationPlan, plan_rotations
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3]
-CHUNK_ELEMENTS = 1 << 24  # rows per chunk keep a float32 chunk near 64 MiB
+CHUNK_ELEMENTS = 1 << 22  # 16 MiB as float32: glibc then reuses freed chunk buffers instead of mapping fresh
+# zeroed pages for each (measured: a third less kernel time, and a lower peak RSS, than 64 MiB chunks)
 LOOKAHEAD = 3  # encoded chunks computed ahead of the writer
 ENCODERS = 2  # worker threads; the kernels and reads release the GIL, so chunks encode side by side
 ROW_ALIGN = 128
@@ -258,8 +260,9 @@ class _StreamedTensor:
 
 
 class DirectFile:
-    """The file object GGUFWriter writes tensor data through: appends at `offset` with O_DIRECT, from a
-    page-aligned staging buffer, and truncates to the bytes written on close.
+    """The file object GGUFWriter writes tensor data through: appends at `offset` with O_DIRECT and truncates
+    to the bytes written on close. Data is gathered in two page-aligned staging buffers: one fills while a
+    background thread writes the other, so encoding goes on while the disk works.
 
     Why: on the 2-core benchmark machine, writing a 4 GB GGUF through the page cache cost 5-6 s of kernel CPU
     (copying into freshly allocated page-cache pages); direct writes cost 0.1 s, and leave the page cache to
@@ -268,13 +271,16 @@ class DirectFile:
 
     def __init__(self, path: Path, offset: int):
         self.path, self._position = path, offset
-        self._start = offset // DIRECT_ALIGN * DIRECT_ALIGN  # file offset of the staging buffer's first byte
-        self._buffer = mmap.mmap(-1, DIRECT_STAGING)  # anonymous maps are page-aligned, as O_DIRECT needs
-        self._view = memoryview(self._buffer)
+        self._start = offset // DIRECT_ALIGN * DIRECT_ALIGN  # file offset of the filling buffer's first byte
+        # anonymous maps are page-aligned, as O_DIRECT needs
+        self._buffers = [memoryview(mmap.mmap(-1, DIRECT_STAGING)) for _ in range(2)]
+        self._view = self._buffers[0]
         with path.open("rb") as f:  # the partial block before offset is rewritten with the data that follows
             f.seek(self._start)
             self._used = f.readinto(self._view[:offset - self._start])
         self._fd = self._open(DIRECT_IO)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="so8t-write")
+        self._in_flight = None
 
     def _open(self, flags: int) -> int:
         try:
@@ -296,26 +302,33 @@ class DirectFile:
             self._used += take
             done += take
             if self._used == len(self._view):
-                self._write_staging(self._used)
+                self._hand_over()
         self._position += done
         return done
 
-    def _write_staging(self, size: int) -> None:
-        view = self._view[:size]
+    def _hand_over(self) -> None:
+        """Queue the filling buffer for writing and fill the other once its own write has finished."""
+        if self._in_flight is not None:
+            self._in_flight.result()  # re-raises the writer's error
+        self._in_flight = self._writer.submit(self._pwrite, self._view[:self._used], self._start)
+        self._start += self._used
+        self._view = self._buffers[1] if self._view is self._buffers[0] else self._buffers[0]
+        self._used = 0
+
+    def _pwrite(self, view: memoryview, offset: int) -> None:
         while view.nbytes:
             try:
-                written = os.pwrite(self._fd, view, self._start)
+                written = os.pwrite(self._fd, view, offset)
             except OSError as err:  # a filesystem that accepted O_DIRECT at open but not for this write
                 if err.errno != errno.EINVAL or not DIRECT_IO:
                     raise
                 os.close(self._fd)
                 self._fd = self._open(0)
                 continue
-            view, self._start = view[written:], self._start + written
-        self._used = 0
+            view, offset = view[written:], offset + written
 
     def flush(self) -> None:
-        """Data is written as whole aligned buffers; the tail goes out on close."""
+        """Data goes out as whole aligned buffers; the tail on close."""
 
     def close(self) -> None:
         if self._fd < 0:
@@ -323,13 +336,14 @@ class DirectFile:
         try:
             tail = -self._used % DIRECT_ALIGN  # O_DIRECT writes whole blocks: pad, then truncate
             self._view[self._used:self._used + tail] = bytes(tail)
-            self._write_staging(self._used + tail)
+            self._used += tail
+            self._hand_over()
+            self._in_flight.result()
             os.ftruncate(self._fd, self._position)
         finally:
+            self._writer.shutdown()
             os.close(self._fd)
             self._fd = -1
-            self._view.release()
-            self._buffer.close()
 
 
 # ---------------------------------------------------------------------------------------------- hashing
@@ -370,6 +384,17 @@ def single_threaded_torch():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def frozen_gc():
+    """Exempt the objects alive now (torch, the tokenizer's 150k strings) from the cyclic GC while streaming:
+    each full collection walked them all, ~5% of the export's CPU time (measured with perf)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def default_output(model_dir: Path, quant: str) -> Path:
@@ -439,7 +464,7 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, *, quan
 
         folded = FoldedTensors(reader, plan, is_so8t)
         done = 0
-        with single_threaded_torch(), contextlib.closing(encoded_stream(folded, jobs)) as stream:
+        with single_threaded_torch(), frozen_gc(), contextlib.closing(encoded_stream(folded, jobs)) as stream:
             for job in jobs:
                 def advance(n: int, job=job) -> None:
                     nonlocal done

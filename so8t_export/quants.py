@@ -158,8 +158,7 @@ def _block_amax(x, block, amax):
     for k in range(x.size // block):
         m = np.uint32(0)
         for i in range(block):
-            v = xb[k * block + i] & _ABS_BITS
-            m = v if v > m else m
+            m = max(m, xb[k * block + i] & _ABS_BITS)
         ab[k] = m
 
 
@@ -273,8 +272,7 @@ def _e4m3_q8_0_rows(raw, scale, block_rows, block_cols, first_row, block, out):
             for k in range(blocks):
                 m = np.uint8(0)
                 for i in range(block):
-                    v = row[k * block + i] & _E4M3_NAN_BYTE
-                    m = v if v > m else m
+                    m = max(m, row[k * block + i] & _E4M3_NAN_BYTE)
                 top[k] = m
             for j in range(top_scale.size):
                 top_scale[j] = abs(srow[j])

@@ -231,7 +231,7 @@ def test_concurrent_calls_do_not_change_bytes():
     with ThreadPoolExecutor(3) as pool:
         for qtype in ALL:
             want = _check(x, qtype)
-            for got in pool.map(lambda _: quantize(torch.from_numpy(x), qtype), range(6)):
+            for got in pool.map(lambda _, qtype=qtype: quantize(torch.from_numpy(x), qtype), range(6)):
                 _same(got, want)
 
 
