@@ -89,11 +89,11 @@ def quantized_nbytes(shape: Sequence[int], qtype: gguf.GGMLQuantizationType | st
 
 
 # ------------------------------------------------------------------------------------------------- kernels
-# Conventions, each worth ~10x (measured): kernels take 2-D C-contiguous arrays and work one row at a time,
-# so a row stays in cache through all its passes. Block lengths are runtime arguments: with a literal 32,
-# LLVM fully unrolls the per-block loops into scalar code instead of vectorising them. Kernels return early
-# on a block length <= 0: numba wraps negative indices, and only once LLVM can prove `k * block + i >= 0`
-# does that check vanish and the loop vectorise.
+# Conventions, each measured on a 9728x2560 tensor: kernels take 2-D C-contiguous arrays and work one row at a
+# time, so a row stays in cache through all its passes (3x faster than whole-tensor passes). Block lengths are
+# runtime arguments: with a literal 32, LLVM fully unrolls the per-block loops into scalar code instead of
+# vectorising them (10x slower). Kernels return early on a block length <= 0: numba wraps negative indices,
+# and only once LLVM can prove `k * block + i >= 0` does that check vanish and the loop vectorise (7x).
 
 _HALF_DOWN = np.nextafter(np.float32(0.5), np.float32(0))  # see _q8_0_row
 _F32_TINY = np.finfo(np.float32).tiny
