@@ -166,7 +166,8 @@ class CheckpointReader:
 
     # ------------------------------------------------------------------ reading
     def read(self, name: str, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:
-        """One tensor (or a row range of it), FP8-dequantised, as dtype."""
+        """One tensor (or a row range of it), as dtype. FP8 is dequantised in float32 (e4m3 * scale rounded
+        once, as llama.cpp's converter does), then cast."""
         fp8 = self.read_fp8(name, rows)
         if fp8 is not None:
             return fp8.dequantize().to(dtype)
@@ -189,11 +190,8 @@ class CheckpointReader:
             raise CheckpointError(f"{self._file(scale_name)}: tensor {scale_name} has shape {tuple(scale.shape)}; "
                                   f"expected {expected} for {name} {tuple(shape)} in {br}x{bc} blocks")
         first, last, _ = (rows or slice(None)).indices(shape[0])
-        try:
-            return BlockFP8.from_torch(self.read_raw(name, rows), scale[first // br: math.ceil(last / br)],
-                                       self.fp8_block, first % br)
-        except ValueError as err:
-            raise CheckpointError(f"{self._file(scale_name)}: tensor {scale_name}: {err}") from None
+        weight = self.read_raw(name, rows)
+        return BlockFP8.from_torch(weight, scale[first // br: math.ceil(last / br)], self.fp8_block, first % br)
 
     def iter_rows(self, name: str, chunk_rows: int, dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
         """Row chunks of a 2-D tensor, so a large embedding is never materialised whole in float32."""

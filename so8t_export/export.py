@@ -142,7 +142,8 @@ def row_chunks(job: TensorJob, whole: bool) -> list[slice | None]:
     """Row ranges a job is processed in: about CHUNK_ELEMENTS each, or the whole tensor (None)."""
     if whole or len(job.shape) != 2 or job.shape[0] * job.shape[1] <= CHUNK_ELEMENTS:
         return [None]
-    # Multiples of 128 rows: FP8 scale blocks are 128 rows tall, so no chunk starts inside a block.
+    # Multiples of 128 rows: Qwen's FP8 tiles are 128 rows tall, so a chunk reads whole tiles (other tile
+    # heights work too: BlockFP8.first_row places a chunk inside its first tile).
     rows = max(ROW_ALIGN, CHUNK_ELEMENTS // job.shape[1] // ROW_ALIGN * ROW_ALIGN)
     return [slice(start, min(start + rows, job.shape[0])) for start in range(0, job.shape[0], rows)]
 
@@ -278,23 +279,31 @@ class DirectFile:
         with path.open("rb") as f:  # the partial block before offset is rewritten with the data that follows
             f.seek(self._start)
             self._used = f.readinto(self._view[:offset - self._start])
-        self._fd = self._open(DIRECT_IO)
+        if self._used != offset - self._start:
+            raise ExportError(f"{path}: {self._used} header bytes before offset {offset}; expected "
+                              f"{offset - self._start}")
+        self._direct = bool(DIRECT_IO)
+        self._fd = self._open()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="so8t-write")
         self._in_flight = None
 
-    def _open(self, flags: int) -> int:
+    def _open(self) -> int:
         try:
-            return os.open(self.path, os.O_WRONLY | flags)
+            return os.open(self.path, os.O_WRONLY | (DIRECT_IO if self._direct else 0))
         except OSError as err:
-            if flags and err.errno == errno.EINVAL:
-                return self._open(0)
+            if self._direct and err.errno == errno.EINVAL:
+                self._direct = False
+                return self._open()
             raise
 
     def tell(self) -> int:
         return self._position
 
     def write(self, data) -> int:
-        data = memoryview(data).cast("B")
+        data = memoryview(data)
+        if not data.nbytes:
+            return 0
+        data = data.cast("B")
         done = 0
         while done < data.nbytes:
             take = min(data.nbytes - done, len(self._view) - self._used)
@@ -320,10 +329,12 @@ class DirectFile:
             try:
                 written = os.pwrite(self._fd, view, offset)
             except OSError as err:  # a filesystem that accepted O_DIRECT at open but not for this write
-                if err.errno != errno.EINVAL or not DIRECT_IO:
+                if err.errno != errno.EINVAL or not self._direct:
                     raise
-                os.close(self._fd)
-                self._fd = self._open(0)
+                self._direct = False  # once: a buffered write that fails too is an error
+                fd, self._fd = self._fd, -1
+                os.close(fd)
+                self._fd = self._open()
                 continue
             view, offset = view[written:], offset + written
 
@@ -331,7 +342,7 @@ class DirectFile:
         """Data goes out as whole aligned buffers; the tail on close."""
 
     def close(self) -> None:
-        if self._fd < 0:
+        if self._writer is None:
             return
         try:
             tail = -self._used % DIRECT_ALIGN  # O_DIRECT writes whole blocks: pad, then truncate
@@ -342,7 +353,9 @@ class DirectFile:
             os.ftruncate(self._fd, self._position)
         finally:
             self._writer.shutdown()
-            os.close(self._fd)
+            self._writer = None
+            if self._fd >= 0:
+                os.close(self._fd)
             self._fd = -1
 
 
@@ -389,7 +402,11 @@ def single_threaded_torch():
 @contextlib.contextmanager
 def frozen_gc():
     """Exempt the objects alive now (torch, the tokenizer's 150k strings) from the cyclic GC while streaming:
-    each full collection walked them all, ~5% of the export's CPU time (measured with perf)."""
+    each full collection walked them all, ~5% of the export's CPU time (measured with perf). Left alone when
+    the host application froze objects itself (gc.unfreeze would thaw those too)."""
+    if gc.get_freeze_count():
+        yield
+        return
     gc.freeze()
     try:
         yield
@@ -481,7 +498,8 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, *, quan
         _patch_metadata(tmp, header_end, folded.max_error, hasher.result)
         os.replace(tmp, output)
     except BaseException:
-        writer.close()
+        with contextlib.suppress(Exception):  # closing may re-raise the write error that brought us here
+            writer.close()
         tmp.unlink(missing_ok=True)
         raise
     finally:
@@ -503,6 +521,7 @@ def _patch_metadata(path: Path, header_end: int, fold_max_abs_error: float, sour
         for key, (value_type, value) in values.items():
             tag = struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", value_type)
             at = header.find(tag)
-            assert at >= 0 and header.find(tag, at + 1) < 0, f"{key} is not in the header exactly once"
+            if at < 0 or header.find(tag, at + 1) >= 0:
+                raise ExportError(f"{path}: metadata key {key} is not in the header exactly once")
             f.seek(at + len(tag))
             f.write(value)

@@ -141,8 +141,8 @@ class SO8TTransformerModel(nn.Module):
         super().__init__()
         self.config = config
         # _weight skips nn.Embedding's own init, which on the meta device (loading, the exporter's shape check)
-        # runs through torch._refs and imports torch._dynamo on first use: 1.3 s. Initialised as transformers'
-        # Qwen3 does instead.
+        # runs through torch._refs and imports torch._dynamo on first use: 1.3 s. Drawn instead from
+        # N(0, initializer_range), the init transformers' Qwen3 gives embeddings.
         embedding = torch.empty(config.vocab_size, config.hidden_size)
         if not embedding.is_meta:
             nn.init.normal_(embedding, std=config.initializer_range)

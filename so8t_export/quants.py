@@ -403,10 +403,9 @@ class BlockFP8:
         """``quantize(self.dequantize(), qtype)``, bit for bit, straight from the FP8 bytes for BF16 and Q8_0."""
         qtype = resolve_qtype(qtype)
         rows, cols = self.weight.shape
-        nbytes = quantized_nbytes((rows, cols), qtype)
         if qtype in (_T.F32, _T.F16):
             return quantize(self.dequantize(), qtype)
-        out = np.empty(nbytes, np.uint8).reshape(rows, -1)
+        out = np.empty((rows, quantized_nbytes((cols,), qtype)), np.uint8)
         if qtype == _T.BF16:
             _e4m3_bf16_rows(*self._tiles(), out.view(np.uint16))
             return out

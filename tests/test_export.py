@@ -1,7 +1,9 @@
 """GGUF export: metadata schema read back by gguf-py, plain-Qwen3 round trip, CLI, and bad input."""
 
+import errno
 import hashlib
 import json
+import os
 import shutil
 
 import gguf
@@ -123,6 +125,38 @@ def test_tensor_data_through_direct_file_is_what_gguf_writer_writes(tmp_path, mo
         writer.close()
         files[kind] = path.read_bytes()
     assert files["direct"] == files["plain"]
+
+
+@pytest.mark.parametrize("errno_", [errno.ENOSPC, errno.EINVAL], ids=["disk-full", "einval-everywhere"])
+def test_a_failing_write_leaves_nothing(qwen3_dir, tmp_path, monkeypatch, errno_):
+    """The writer thread's error reaches the caller once (EINVAL: after one fall-back from O_DIRECT to ordinary
+    writes, not in a loop) and the temporary file is removed."""
+    monkeypatch.setattr(export, "DIRECT_STAGING", 2 * export.DIRECT_ALIGN)
+    real_pwrite, calls = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) >= 3:
+            raise OSError(errno_, os.strerror(errno_))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(OSError) as caught:
+        export_gguf(qwen3_dir, tmp_path / "x.gguf", quant="q8_0")
+    assert caught.value.errno == errno_
+    assert len(calls) <= 4
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_direct_file_accepts_empty_writes(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"header")
+    f = export.DirectFile(path, 6)
+    assert f.write(np.zeros((0, 64), np.uint8).data) == 0
+    f.write(b"data")
+    f.close()
+    f.close()
+    assert path.read_bytes() == b"headerdata"
 
 
 def test_source_hash_over_many_blocks(tmp_path, monkeypatch):

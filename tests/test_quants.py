@@ -452,8 +452,9 @@ def test_fp8_decodes_every_byte_like_torch():
 @pytest.mark.parametrize(
     "rows, cols, block, first_row",
     [(256, 512, (128, 128), 0), (100, 320, (128, 128), 37), (97, 96, (48, 40), 5), (64, 160, (16, 64), 0),
-     (7, 32, (128, 128), 127)],
-    ids=["qwen-tiles", "row-range", "edge-tiles-40-wide", "64-wide", "one-partial-tile"],
+     (7, 32, (128, 128), 127), (0, 64, (128, 128), 0), (0, 64, (16, 32), 5)],
+    ids=["qwen-tiles", "row-range", "edge-tiles-40-wide", "64-wide", "one-partial-tile", "no-rows",
+         "no-rows-inside-a-tile"],
 )
 def test_fp8_encode_equals_quantize_of_dequantize(rows, cols, block, first_row):
     _check_fp8(_fp8(rows, cols, block, first_row))
