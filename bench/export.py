@@ -278,6 +278,7 @@ def parity(fp8_dir: Path, ggufs: dict[str, Path]) -> str:
     from tokenizers import Tokenizer
 
     from so8t_export.model import SO8TTransformerForCausalLM
+    from so8t_export.parity import kl_divergence
     from so8t_export.runtime import SO8TRuntime
 
     log(f"parity: load average {os.getloadavg()[0]:.2f}")
@@ -296,13 +297,8 @@ def parity(fp8_dir: Path, ggufs: dict[str, Path]) -> str:
     del model, out, logits
     gc.collect()
 
-    def log_softmax(x):
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
     lines = [f"parity vs PyTorch reference (bf16, CPU), {len(tokens)} tokens",
              f"{'file':<18} {'max|dlogit|':>12} {'mean KLD':>10} {'max KLD':>10} {'top-1':>8} {'same tokens':>12}"]
-    lp_ref = log_softmax(ref)
     for label, path in ggufs.items():
         if not path.exists():
             lines.append(f"{label:<18} missing {path}")
@@ -313,8 +309,7 @@ def parity(fp8_dir: Path, ggufs: dict[str, Path]) -> str:
         got = ev.logits.astype(np.float64)
         del rt
         gc.collect()
-        lp = log_softmax(got)
-        kld = (np.exp(lp_ref) * (lp_ref - lp)).sum(-1)
+        kld = kl_divergence(ref, got)
         top1 = float((ref.argmax(-1) == got.argmax(-1)).mean())
         lines.append(f"{label:<18} {np.abs(ref - got).max():>12.4f} {kld.mean():>10.6f} {kld.max():>10.6f} "
                      f"{top1:>8.3f} {same!s:>12}")

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -192,12 +191,6 @@ class CheckpointReader:
         first, last, _ = (rows or slice(None)).indices(shape[0])
         weight = self.read_raw(name, rows)
         return BlockFP8.from_torch(weight, scale[first // br: math.ceil(last / br)], self.fp8_block, first % br)
-
-    def iter_rows(self, name: str, chunk_rows: int, dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
-        """Row chunks of a 2-D tensor, so a large embedding is never materialised whole in float32."""
-        total = self.shape(name)[0]
-        for start in range(0, total, chunk_rows):
-            yield self.read(name, dtype, rows=slice(start, min(start + chunk_rows, total)))
 
     def close(self) -> None:
         for fd in self._fds.values():

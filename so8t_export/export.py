@@ -35,7 +35,7 @@ from .checkpoint import CheckpointReader
 from .config import MODEL_TYPE, SO8TConfig
 from .fold import absorbed_error, fold_error, fold_weight, role
 from .gguf_tokenizer import add_tokenizer
-from .loading import check_tensors, rotations_and_heads
+from .loading import check_tensors, is_so8t_extra, rotations_and_heads
 from .metadata import FOLD_ERROR_KEY, SOURCE_HASH_KEY, add_so8t_metadata, so8t_entries
 from .quants import FILE_TYPES, OUTPUT_TYPES, QuantError, quantize, quantized_nbytes
 from .rotation import RotationPlan, plan_rotations
@@ -118,11 +118,9 @@ def output_type(name: str, shape: tuple[int, ...], quant: str) -> gguf.GGMLQuant
 
 def plan_tensors(reader: CheckpointReader, config: SO8TConfig, quant: str) -> tuple[list[TensorJob], list[str]]:
     """One job per weight the qwen3 graph reads. Heads and rotation buffers are metadata, not tensors."""
-    metadata_only = {"model.triality_rotations", "model.cross_head_rotation", "safety_head.weight",
-                     "safety_head.bias", "authority_head.weight", "authority_head.bias"}
     jobs, fallbacks = [], []
     for name in reader.names():
-        if name in metadata_only:
+        if is_so8t_extra(name):
             continue
         if config.tie_word_embeddings and name in ("lm_head.weight", "task_head.weight"):
             continue  # tied: llama.cpp reuses token_embd when output.weight is absent

@@ -50,6 +50,12 @@ def source_name(name: str, is_so8t: bool) -> str:
     return name if is_so8t or name != "task_head.weight" else "lm_head.weight"
 
 
+def is_so8t_extra(name: str) -> bool:
+    """The rotation buffers and the two classification heads: what an SO8T checkpoint holds beyond Qwen3's
+    tensors (exported as so8t.* metadata, never as GGUF tensors)."""
+    return name in ROTATION_BUFFERS or name.split(".")[0] in HEADS
+
+
 def expected_shapes(config: SO8TConfig, is_so8t: bool) -> dict[str, tuple[int, ...]]:
     """Checkpoint name -> shape of every tensor an SO8T (or Qwen3) checkpoint of this config holds."""
     with torch.device("meta"):
@@ -58,7 +64,7 @@ def expected_shapes(config: SO8TConfig, is_so8t: bool) -> dict[str, tuple[int, .
     if config.tie_word_embeddings:
         shapes.pop(source_name("task_head.weight", is_so8t))
     if not is_so8t:  # a Qwen3 checkpoint has no SO8T extras
-        shapes = {n: s for n, s in shapes.items() if n not in ROTATION_BUFFERS and n.split(".")[0] not in HEADS}
+        shapes = {n: s for n, s in shapes.items() if not is_so8t_extra(n)}
     return shapes
 
 

@@ -113,14 +113,15 @@ class ParityReport:
         return "\n".join(lines)
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-probabilities, in float64."""
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
 def kl_divergence(ref_logits: np.ndarray, test_logits: np.ndarray) -> np.ndarray:
     """KL(p_ref || p_test) per row, in float64."""
-    ref = ref_logits.astype(np.float64)
-    test = test_logits.astype(np.float64)
-    log_p = ref - ref.max(-1, keepdims=True)
-    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
-    log_q = test - test.max(-1, keepdims=True)
-    log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
+    log_p, log_q = log_softmax(ref_logits), log_softmax(test_logits)
     return (np.exp(log_p) * (log_p - log_q)).sum(-1)
 
 
