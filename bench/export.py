@@ -30,11 +30,9 @@ import gc
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -43,7 +41,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+from tests.upstream import fetch_converter  # noqa: E402 (needs REPO on sys.path)
+
 PROMPT = "<|im_start|>user\nWhat is a rotation in eight dimensions?<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -52,40 +51,6 @@ def log(*args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- converter
-
-def fetch_converter(cache: Path) -> Path:
-    """vendor/llama.cpp from the llama-cpp-python sdist (convert_hf_to_gguf.py, conversion/, gguf-py/)."""
-    dest = cache / "llama.cpp"
-    if (dest / "convert_hf_to_gguf.py").is_file():
-        return dest
-    sdist_dir = cache / "sdist"
-    sdist_dir.mkdir(parents=True, exist_ok=True)
-    tarballs = sorted(sdist_dir.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"))
-    if not tarballs:
-        # --no-binary for this package only: its build dependencies may come as wheels (pip prepares metadata).
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(sdist_dir)], check=True)
-        tarballs = sorted(sdist_dir.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"))
-    tmp = cache / "llama.cpp.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "requirements", "LICENSE")
-    with tarfile.open(tarballs[0]) as tar:
-        for member in tar.getmembers():
-            parts = member.name.split("/", 3)  # llama_cpp_python-X/vendor/llama.cpp/<rest>
-            if len(parts) < 4 or parts[1:3] != ["vendor", "llama.cpp"]:
-                continue
-            rest = parts[3]
-            if rest.startswith(wanted) and (member.isfile() or member.isdir()):
-                member = tar.getmember(member.name)
-                member.name = rest
-                tar.extract(member, tmp, filter="data")
-    if not (tmp / "convert_hf_to_gguf.py").is_file():
-        raise SystemExit(f"{tarballs[0]}: no vendor/llama.cpp/convert_hf_to_gguf.py")
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
-    return dest
-
 
 # ----------------------------------------------------------------------------------------------- measuring
 

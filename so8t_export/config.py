@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,45 @@ from typing import Any
 MODEL_TYPE = "so8t"
 ARCHITECTURE = "SO8TTransformerForCausalLM"
 QWEN3_ARCHITECTURE = "Qwen3ForCausalLM"
+
+
+UINT32_MAX = 2**32 - 1
+INT32_MAX = 2**31 - 1
+LLAMA_MAX_LAYERS = 512  # llama.cpp src/llama-hparams.h; the loader asserts n_layer <= it
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional_int(value) -> bool:
+    return value is None or (_int(value) and value >= 0)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_FIELD_TYPES: dict[str, tuple] = {
+    **{key: (_int, "an integer") for key in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "max_position_embeddings", "max_window_layers",
+        "so8t_rotation_dim", "so8t_rotation_seed")},
+    **{key: (_number, "a number") for key in ("rope_theta", "rms_norm_eps", "attention_dropout",
+                                              "initializer_range")},
+    **{key: (lambda v: isinstance(v, bool), "true or false") for key in (
+        "attention_bias", "tie_word_embeddings", "use_sliding_window", "use_cache", "so8t_triality_symmetry",
+        "so8t_cross_head_interaction", "so8t_non_commutative_gates", "so8t_vector_representation",
+        "so8t_spinor_plus_representation", "so8t_spinor_minus_representation")},
+    "hidden_act": (lambda v: isinstance(v, str), "a string"),
+    "torch_dtype": (lambda v: isinstance(v, str), "a string"),
+    "rope_scaling": (lambda v: v is None or isinstance(v, dict), "null or an object"),
+    "sliding_window": (lambda v: v is None or _int(v), "null or an integer"),
+    "bos_token_id": (_optional_int, "null or a non-negative token id"),
+    "pad_token_id": (_optional_int, "null or a non-negative token id"),
+    "eos_token_id": (lambda v: _optional_int(v) or (isinstance(v, list) and all(_int(i) and i >= 0 for i in v)),
+                     "null, a token id or a list of token ids"),
+}
 
 
 class ConfigError(ValueError):
@@ -66,10 +106,26 @@ class SO8TConfig:
         def fail(key: str, expected: str) -> None:
             raise ConfigError(f"{source}: {key} = {getattr(self, key)!r}; expected {expected}")
 
+        # JSON types first: a "false" string is truthy, and a float head count would slip through arithmetic.
+        for key, (check, expected) in _FIELD_TYPES.items():
+            if not check(getattr(self, key)):
+                fail(key, expected)
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "head_dim"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
-                fail(key, "a positive integer")
+                    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if not 0 < getattr(self, key) <= UINT32_MAX:
+                fail(key, f"a positive integer that fits GGUF's uint32 (<= {UINT32_MAX})")
+        if self.vocab_size > INT32_MAX:
+            fail("vocab_size", f"at most {INT32_MAX} (llama.cpp token ids are int32)")
+        if self.num_hidden_layers > LLAMA_MAX_LAYERS:
+            fail("num_hidden_layers", f"at most {LLAMA_MAX_LAYERS} (llama.cpp's LLAMA_MAX_LAYERS)")
+        if not (math.isfinite(self.rms_norm_eps) and 0 < self.rms_norm_eps < 1):
+            fail("rms_norm_eps", "a finite number in (0, 1) (llama.cpp asserts eps >= 0 and aborts on NaN)")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            fail("rope_theta", "a finite positive number")
+        if not (math.isfinite(self.initializer_range) and self.initializer_range >= 0):
+            fail("initializer_range", "a finite non-negative number")
+        if not 0 <= self.so8t_rotation_seed < 2**32:
+            fail("so8t_rotation_seed", "an integer in [0, 2**32)")
         if self.so8t_rotation_dim != 8:
             fail("so8t_rotation_dim", "8 (SO(8) triality exists only in dimension 8)")
         if self.head_dim % 8:
@@ -91,6 +147,8 @@ class SO8TConfig:
             fail("use_sliding_window", "false (Qwen3-4B attends over the full context)")
         if self.rope_scaling and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) != "default":
             fail("rope_scaling", "null or rope_type 'default' (scaled RoPE is not implemented)")
+        if self.torch_dtype not in ("float32", "float16", "bfloat16", "float64"):
+            fail("torch_dtype", "one of float32, float16, bfloat16, float64")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -107,23 +165,32 @@ class SO8TConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config", **overrides: Any) -> SO8TConfig:
         """Build from a Qwen3 or SO8T config.json dict. Unknown keys (quantization_config, ...) are dropped."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: a JSON {type(raw).__name__}; expected an object")
         raw = {**raw, **overrides}
         model_type = raw.get("model_type", "qwen3")
         if model_type not in ("qwen3", MODEL_TYPE):
             raise ConfigError(f"{source}: model_type = {model_type!r}; expected 'qwen3' or '{MODEL_TYPE}'")
         # transformers >= 5 nests rope_theta inside rope_parameters; Qwen's own files keep it flat.
         rope = raw.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: rope_parameters = {rope!r:.80}; expected an object")
         if "rope_theta" not in raw and "rope_theta" in rope:
             raw["rope_theta"] = rope["rope_theta"]
         if rope.get("rope_type", "default") != "default" and not raw.get("rope_scaling"):
             raw["rope_scaling"] = rope
         if "torch_dtype" not in raw and isinstance(raw.get("dtype"), str):
             raw["torch_dtype"] = raw["dtype"]
-        if raw.get("head_dim") is None and "hidden_size" in raw and "num_attention_heads" in raw:
+        if (raw.get("head_dim") is None and _int(raw.get("hidden_size")) and _int(raw.get("num_attention_heads"))
+                and raw["num_attention_heads"] > 0):
             raw["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
         if raw.get("num_key_value_heads") is None and "num_attention_heads" in raw:
             raw["num_key_value_heads"] = raw["num_attention_heads"]
         names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(key for key in raw if key.startswith("so8t_") and key not in names)
+        if unknown:  # a misspelt flag would silently keep its default
+            known = ", ".join(sorted(n for n in names if n.startswith("so8t_")))
+            raise ConfigError(f"{source}: unknown key {unknown[0]}; expected one of {known}")
         config = cls.__new__(cls)
         for f in dataclasses.fields(cls):
             if f.name in names and f.name in raw:
@@ -135,6 +202,16 @@ class SO8TConfig:
             setattr(config, f.name, value)
         config.validate(source)
         return config
+
+    def check_token_ids(self, source: str = "config") -> None:
+        """A checkpoint's config.json must name token ids its vocabulary has (the defaults are Qwen3-4B's, so
+        this is checked on files, not on every config built in code)."""
+        ids = {"bos_token_id": [self.bos_token_id], "pad_token_id": [self.pad_token_id],
+               "eos_token_id": self.eos_token_ids}
+        for key, values in ids.items():
+            if any(v is not None and v >= self.vocab_size for v in values):
+                raise ConfigError(f"{source}: {key} = {getattr(self, key)!r}; expected token ids below vocab_size "
+                                  f"{self.vocab_size}")
 
     @classmethod
     def from_json_file(cls, path: str | Path, **overrides: Any) -> SO8TConfig:
@@ -155,8 +232,10 @@ class SO8TConfig:
         return dataclasses.asdict(self)
 
     def save_pretrained(self, model_dir: str | Path) -> None:
-        path = Path(model_dir) / "config.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        from .io import write_bytes_atomic
+
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        write_bytes_atomic(Path(model_dir) / "config.json", text.encode())
 
     def so8t_flags(self) -> dict[str, bool]:
         """The boolean so8t_* flags, keyed without their prefix (as GGUF metadata names them)."""

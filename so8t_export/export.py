@@ -9,6 +9,7 @@ The file is written under a temporary name and renamed at the end, so a failed r
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import functools
 import gc
@@ -31,13 +32,14 @@ import gguf
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointReader
+from .checkpoint import INDEX_FILE, CheckpointReader
 from .config import MODEL_TYPE, SO8TConfig
 from .fold import absorbed_error, fold_error, fold_weight, role
 from .gguf_tokenizer import add_tokenizer
-from .loading import check_tensors, is_so8t_extra, rotations_and_heads
-from .metadata import FOLD_ERROR_KEY, SOURCE_HASH_KEY, add_so8t_metadata, so8t_entries
-from .quants import FILE_TYPES, OUTPUT_TYPES, QuantError, quantize, quantized_nbytes
+from .io import atomic_output, check_output_path
+from .loading import TOKENIZER_FILES, check_tensors, is_so8t_extra, rotations_and_heads
+from .metadata import FOLD_ERROR_KEY, FOLD_ERROR_LIMIT, SOURCE_HASH_KEY, add_so8t_metadata, so8t_entries
+from .quants import FILE_TYPES, OUTPUT_TYPES, QuantError, nonfinite_encoded, quantize, quantized_nbytes
 from .rotation import RotationPlan, plan_rotations
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3]
@@ -171,13 +173,23 @@ class FoldedTensors:
                 self._nonfinite(job, fp8.dequantize())
             if side != "none":
                 self._check_absorbed(job, rows, fp8.corner(*self._sample(job, fp8.weight.shape)).dequantize())
-            return fp8.encode(job.qtype)
+            return self._check_range(job, fp8.encode(job.qtype))
         weight = self.reader.read(job.source, torch.float32, rows)
         self._require_finite(job, weight)
         if side != "none":
             sample_rows, sample_cols = self._sample(job, tuple(weight.shape))
             self._check_absorbed(job, rows, weight[:sample_rows, :sample_cols])
-        return quantize(weight, job.qtype)
+        return self._check_range(job, quantize(weight, job.qtype))
+
+    def _check_range(self, job: TensorJob, encoded: np.ndarray) -> np.ndarray:
+        """The source was finite, so an Inf in the output means a value beyond the output type's range (f16
+        and Q8_0's f16 scales stop at 65504), or a fold that left float32's."""
+        overflowed = nonfinite_encoded(encoded, job.qtype)
+        if overflowed:
+            raise ExportError(f"{self.reader.location(job.source)}: tensor {job.source}: {overflowed} values "
+                              f"overflow {job.qtype.name}; expected values within its range (use --quant bf16 "
+                              "or f32 for this checkpoint)")
+        return encoded
 
     def _require_finite(self, job: TensorJob, weight: torch.Tensor) -> None:
         low, high = torch.aminmax(weight)  # propagates NaN: one fast pass instead of isfinite().all()
@@ -186,7 +198,7 @@ class FoldedTensors:
 
     def _nonfinite(self, job: TensorJob, weight: torch.Tensor) -> None:
         bad = int((~torch.isfinite(weight)).sum())
-        raise ExportError(f"{self.reader.model_dir}: tensor {job.source} has {bad} NaN or Inf values; "
+        raise ExportError(f"{self.reader.location(job.source)}: tensor {job.source} has {bad} NaN or Inf values; "
                           "expected finite weights")
 
     @staticmethod
@@ -217,7 +229,7 @@ class FoldedTensors:
         probe = self._probe(job, rows, weight.shape[-1])
         error = fold_error(job.source, weight, folded, self.plan, probe)
         self._record(job, error, FOLD_TOLERANCE * max(1.0, (probe @ folded.T).abs().max().item()))
-        return quantize(folded.float(), job.qtype)
+        return self._check_range(job, quantize(folded.float(), job.qtype))
 
     def _record(self, job: TensorJob, error: float, tolerance: float) -> None:
         if error > tolerance:
@@ -227,18 +239,54 @@ class FoldedTensors:
             self.max_error = max(self.max_error, error)
 
 
+@functools.cache
+def _openmp_runtime() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch's CPU kernels run on, found among the libraries this process has loaded."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            library = ctypes.CDLL(path)
+            library.omp_set_num_threads.argtypes = [ctypes.c_int]
+            return library
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def one_kernel_thread() -> None:
+    """Worker initializer: torch kernels started from this thread use this thread alone.
+
+    The ENCODERS threads are the parallelism; torch's own threads on top oversubscribe the cores (measured on
+    the 2-core benchmark machine: 38 s instead of 47 s for the FP8 -> q8_0 export). torch.set_num_threads is
+    process-wide (and what new threads inherit), so it is not ours to change; OpenMP's thread count is per
+    thread, so setting it here leaves every other thread of the process as it was.
+    """
+    torch.get_num_threads()  # let torch initialise this thread's OpenMP state first, or it would reset ours
+    runtime = _openmp_runtime()
+    if runtime is not None:
+        runtime.omp_set_num_threads(1)
+
+
 def encoded_stream(folded: FoldedTensors, jobs: list[TensorJob]) -> Iterator[np.ndarray]:
     """Encoded chunks of every job, in file order, computed up to LOOKAHEAD chunks ahead by ENCODERS threads
-    while the caller writes: torch and numpy release the GIL, so encoding and disk writes overlap."""
+    while the caller writes: torch and numpy release the GIL, so encoding and disk writes overlap. Closing
+    the generator early (an error downstream) cancels the chunks not started and waits for the running ones."""
     work = [(job, rows) for job in jobs for rows in folded.chunks(job)]
-    with ThreadPoolExecutor(ENCODERS, thread_name_prefix="so8t-encode") as pool:
-        pending: deque = deque()
+    pool = ThreadPoolExecutor(ENCODERS, thread_name_prefix="so8t-encode", initializer=one_kernel_thread)
+    pending: deque = deque()
+    try:
         for job, rows in work:
             pending.append(pool.submit(folded.encode, job, rows))
             if len(pending) > LOOKAHEAD:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _StreamedTensor:
@@ -358,50 +406,47 @@ class DirectFile:
 
 
 # ---------------------------------------------------------------------------------------------- hashing
-def hash_files(paths: list[Path]) -> str:
-    """sha256 of the safetensors files concatenated in name order (`cat ... | sha256sum`)."""
+def hash_files(paths: list[Path], stop: threading.Event | None = None) -> str | None:
+    """sha256 of the safetensors files concatenated in name order (`cat ... | sha256sum`); None if stopped."""
     digest = hashlib.sha256()
     buffer = bytearray(HASH_BLOCK)
     view = memoryview(buffer)
     for path in paths:
         with path.open("rb", buffering=0) as f:
             while size := f.readinto(buffer):
+                if stop is not None and stop.is_set():
+                    return None
                 digest.update(view[:size])
     return digest.hexdigest()
 
 
 class _BackgroundHash(threading.Thread):
-    """Hashes the source while the export runs; hashlib releases the GIL on large updates."""
+    """Hashes the source while the export runs; hashlib releases the GIL on large updates. A failed export
+    stops it at the next block instead of letting it read gigabytes for nothing."""
 
     def __init__(self, paths: list[Path]):
-        super().__init__(daemon=True)
+        super().__init__(daemon=True, name="so8t-hash")
         self.paths, self.result, self.error = paths, None, None
+        self.stop = threading.Event()
 
     def run(self) -> None:
         try:
-            self.result = hash_files(self.paths)
+            self.result = hash_files(self.paths, self.stop)
         except OSError as err:
             self.error = err
+
+    def cancel(self) -> None:
+        self.stop.set()
+        self.join()
 
 
 # ---------------------------------------------------------------------------------------------- writing
 @contextlib.contextmanager
-def single_threaded_torch():
-    """The ENCODERS threads are the parallelism; torch's own threads on top oversubscribe the cores (measured
-    on the 2-core benchmark machine: 38 s instead of 47 s for the FP8 -> q8_0 export). Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@contextlib.contextmanager
 def frozen_gc():
     """Exempt the objects alive now (torch, the tokenizer's 150k strings) from the cyclic GC while streaming:
-    each full collection walked them all, ~5% of the export's CPU time (measured with perf). Left alone when
-    the host application froze objects itself (gc.unfreeze would thaw those too)."""
+    each full collection walked them all, ~5% of the export's CPU time (measured with perf). The GC is
+    process-wide, so only the command line, which owns the process, uses this; export_gguf never does. Left
+    alone when objects were frozen already (gc.unfreeze would thaw those too)."""
     if gc.get_freeze_count():
         yield
         return
@@ -430,11 +475,18 @@ def write_qwen3_hparams(writer: gguf.GGUFWriter, config: SO8TConfig) -> None:
     writer.add_value_length(config.head_dim)
 
 
+def input_files(model_dir: Path, reader: CheckpointReader) -> list[Path]:
+    """Every file of the source an export reads: an output must never replace one of them."""
+    names = ("config.json", INDEX_FILE, *TOKENIZER_FILES, "chat_template.json")
+    return [*reader.files(), *(model_dir / name for name in names if (model_dir / name).exists())]
+
+
 def export_gguf(model_dir: str | Path, output: str | Path | None = None, *, quant: str = "q8_0",
                 name: str | None = None, progress: Callable[[int, int, str], None] | None = None) -> ExportReport:
     """Export model_dir (an SO8T or plain Qwen3 checkpoint) to a GGUF file and return what was written.
 
-    progress(bytes_done, bytes_total, tensor_name) is called as data is written.
+    progress(bytes_done, bytes_total, tensor_name) is called as data is written. The file appears whole or
+    not at all (an existing output is replaced atomically), and an input is never overwritten.
     """
     start = time.perf_counter()
     model_dir = Path(model_dir)
@@ -442,32 +494,48 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, *, quan
     if quant not in OUTPUT_TYPES:
         raise ExportError(f"--quant {quant!r} is not supported; expected one of {', '.join(OUTPUT_TYPES)}")
     output = Path(output) if output is not None else default_output(model_dir, quant)
-    if not output.parent.is_dir():
-        raise ExportError(f"{output}: output folder {output.parent} does not exist")
 
-    reader = CheckpointReader(model_dir)
-    is_so8t = reader.raw_config.get("model_type") == MODEL_TYPE
-    config = SO8TConfig.from_dict(reader.raw_config, source=str(model_dir / "config.json"))
-    check_tensors(reader, config, is_so8t)
-    rotations, cross_head, heads = rotations_and_heads(reader, config, is_so8t)
-    plan = plan_rotations(config, rotations.double(), cross_head.double())
-    jobs, fallbacks = plan_tensors(reader, config, quant)
+    with CheckpointReader(model_dir) as reader:
+        check_output_path(output, input_files(model_dir, reader))
+        is_so8t = reader.raw_config.get("model_type") == MODEL_TYPE
+        config = SO8TConfig.from_dict(reader.raw_config, source=str(model_dir / "config.json"))
+        config.check_token_ids(str(model_dir / "config.json"))
+        check_tensors(reader, config, is_so8t)
+        rotations, cross_head, heads = rotations_and_heads(reader, config, is_so8t)
+        plan = plan_rotations(config, rotations.double(), cross_head.double())
+        jobs, fallbacks = plan_tensors(reader, config, quant)
+        folded = FoldedTensors(reader, plan, is_so8t)
+        # The fold error and source hash are known only at the end: placeholders of the final size now,
+        # patched in place at the end, as gguf-py's gguf_set_metadata does.
+        so8t = so8t_entries(config, rotations, cross_head, heads, 0.0, _HASH_PLACEHOLDER)
+        hasher = _BackgroundHash(reader.files())
+        hasher.start()
+        try:
+            with atomic_output(output) as tmp:
+                _write_gguf(tmp, reader, config, quant, name or model_dir.resolve().name, so8t, jobs, folded,
+                            hasher, progress)
+        finally:
+            hasher.cancel()  # a no-op once it has finished
+    return ExportReport(output=output, quant=quant, source_kind="so8t" if is_so8t else "qwen3", tensors=len(jobs),
+                        bytes_written=output.stat().st_size, seconds=time.perf_counter() - start,
+                        fold_max_abs_error=folded.max_error, source_sha256=hasher.result, fallbacks=fallbacks)
+
+
+def _write_gguf(tmp: Path, reader: CheckpointReader, config: SO8TConfig, quant: str, name: str,
+                so8t: list[tuple], jobs: list[TensorJob], folded: FoldedTensors, hasher: _BackgroundHash,
+                progress: Callable[[int, int, str], None] | None) -> None:
+    """Lay out the GGUF at tmp with gguf-py, stream the tensor data through DirectFile, patch the two values
+    known only at the end. Every file it opens is closed however it ends."""
     total = sum(job.nbytes for job in jobs)
-    hasher = _BackgroundHash(reader.files())
-    hasher.start()
-
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(tmp, ARCH)
     try:
-        writer.add_name(name or model_dir.resolve().name)
+        writer.add_name(name)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_file_type(FILE_TYPES[quant])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_qwen3_hparams(writer, config)
-        add_tokenizer(writer, model_dir, config.vocab_size)
-        # The fold error and source hash are known only at the end: write placeholders of the final size
-        # and patch them in place, as gguf-py's gguf_set_metadata does.
-        add_so8t_metadata(writer, so8t_entries(config, rotations, cross_head, heads, 0.0, _HASH_PLACEHOLDER))
+        add_tokenizer(writer, reader.model_dir, config.vocab_size)
+        add_so8t_metadata(writer, so8t)
         for job in jobs:
             writer.add_tensor_info(job.target, job.shape, np.dtype(np.float32), job.nbytes, raw_dtype=job.qtype)
         writer.write_header_to_file()
@@ -477,9 +545,8 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, *, quan
         writer.fout[0].close()  # tensor data goes through DirectFile; gguf-py still lays it out (padding)
         writer.fout[0] = DirectFile(tmp, header_end)
 
-        folded = FoldedTensors(reader, plan, is_so8t)
         done = 0
-        with single_threaded_torch(), frozen_gc(), contextlib.closing(encoded_stream(folded, jobs)) as stream:
+        with contextlib.closing(encoded_stream(folded, jobs)) as stream:
             for job in jobs:
                 def advance(n: int, job=job) -> None:
                     nonlocal done
@@ -490,21 +557,17 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, *, quan
                 writer.write_tensor_data(_StreamedTensor(job, chunks, advance),
                                          tensor_endianess=gguf.GGUFEndian.LITTLE)
         writer.close()
-        hasher.join()
-        if hasher.error:
-            raise ExportError(f"cannot hash the source weights: {hasher.error}")
-        _patch_metadata(tmp, header_end, folded.max_error, hasher.result)
-        os.replace(tmp, output)
     except BaseException:
         with contextlib.suppress(Exception):  # closing may re-raise the write error that brought us here
             writer.close()
-        tmp.unlink(missing_ok=True)
         raise
-    finally:
-        reader.close()
-    return ExportReport(output=output, quant=quant, source_kind="so8t" if is_so8t else "qwen3", tensors=len(jobs),
-                        bytes_written=output.stat().st_size, seconds=time.perf_counter() - start,
-                        fold_max_abs_error=folded.max_error, source_sha256=hasher.result, fallbacks=fallbacks)
+    hasher.join()
+    if hasher.error:
+        raise ExportError(f"cannot hash the source weights: {hasher.error}")
+    if folded.max_error > FOLD_ERROR_LIMIT:  # readers refuse a file above it, so never write one
+        raise ExportError(f"{reader.model_dir}: fold max abs error {folded.max_error:.2e} is above "
+                          f"{FOLD_ERROR_LIMIT:g}, the bound every reader of so8t.fold.max_abs_error checks")
+    _patch_metadata(tmp, header_end, folded.max_error, hasher.result)
 
 
 def _patch_metadata(path: Path, header_end: int, fold_max_abs_error: float, source_sha256: str) -> None:

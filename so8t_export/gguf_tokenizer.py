@@ -1,39 +1,29 @@
-"""Tokenizer metadata for a Qwen3 GGUF, as llama.cpp's converter writes it, from the JSON files alone.
+"""Tokenizer metadata for a Qwen3 GGUF, as llama.cpp's converter writes it.
 
 Identity preserved: ``add_tokenizer(writer, model_dir, vocab_size)`` adds the same ``tokenizer.*`` keys,
-values, value types and order as ``convert_hf_to_gguf.py`` does for a Qwen3 checkpoint, i.e.
-``TextModel._set_vocab_gpt2`` (``Qwen2Model.set_vocab`` falls back to it because Qwen3 ships no
-``tokenizer.model``) followed by ``gguf.SpecialVocab(dir_model, load_merges=True).add_to_gguf``, without
-importing transformers. Sources checked (search index, ggml-org/llama.cpp ``conversion/base.py`` @00bd27a6,
-same logic as the older monolithic ``convert_hf_to_gguf.py``; gguf-py 0.19.0 ``gguf/vocab.py`` installed here):
+values, value types and order as ``convert_hf_to_gguf.py`` does for a Qwen3 checkpoint: ``_set_vocab_gpt2``
+(``Qwen2Model.set_vocab`` falls back to it because Qwen3 ships no ``tokenizer.model``), which writes the token
+list from ``get_vocab_base`` and then calls ``gguf.SpecialVocab(dir_model, load_merges=True).add_to_gguf``.
+tests/test_tokenizer_converter.py runs the real converter (from the llama-cpp-python sdist) on the same folders
+and compares every field.
 
-* ``_set_vocab_gpt2``: ``add_tokenizer_model("gpt2")``, ``add_tokenizer_pre(tokpre)``, ``add_token_list``,
-  ``add_token_types``, then ``SpecialVocab(...).add_to_gguf`` (merges, special ids, add_* flags, chat template).
-* ``get_vocab_base``: ``reverse_vocab`` is ``tokenizer.vocab`` (BPE vocab with the added tokens inserted by
-  content, so an added token shadows a base token with the same text) inverted; ids below ``vocab_size`` that
-  are missing become ``[PAD{i}]`` / UNUSED; an added token is CONTROL if ``special`` or
-  ``does_token_look_special`` (``<|...|>``, ``<｜...｜>``, ``<unused...>``, ``<pad>``, ``<mask>``, ``<2mass>``,
-  ``[@BOS@]``), else USER_DEFINED with U+2581 replaced by a space; everything else NORMAL;
-  ``assert max(tokenizer.vocab.values()) < vocab_size``.
-  Not reproduced: for added tokens with ``normalized: false`` the converter replaces the text by
-  ``decode(encode(text))``; with the byte-level decoder that is the identity for ASCII tokens (all Qwen3 added
-  tokens), so the text is taken verbatim here.
-* ``get_vocab_base_pre``: ``tokpre`` is looked up from a hash of the token ids of a fixed text, "qwen2" for the
-  Qwen1.5/2/3 tokenizers. That needs the real vocabulary and a tokenizer runtime; instead the pre-tokenizer
-  *definition* in tokenizer.json is checked to be the Qwen2 one (transformers ``Qwen2Converter``: NFC, Split on
-  ``QWEN2_PRETOKENIZE_REGEX`` isolated, ByteLevel without regex/prefix space), which is what llama.cpp's
-  ``LLAMA_VOCAB_PRE_TYPE_QWEN2`` (pre "qwen2", ``src/llama-vocab.cpp``) implements.
-* ``SpecialVocab``: merges from tokenizer.json (list-of-pairs format joined with a space, spaces inside a part
-  encoded as chr(ord(" ") + 256)); else merges.txt. Special ids for bos/eos/unk/sep/pad/cls/mask: tokenizer_config
-  ``<typ>_token`` (str or {"content"}) matched against tokenizer.json ``added_tokens`` (first match), then
-  config.json ``<typ>_token_id`` (or ``text_config``), first one set wins; no range check (``n_vocab=None``).
-  ``add_<typ>_token`` booleans from tokenizer_config (only bos/eos/sep have writer handlers). Chat template:
-  tokenizer_config ``chat_template`` if the key exists, else ``chat_template.jinja`` (with
-  ``additional_chat_templates/*.jinja`` as named templates), else ``chat_template.json``; all of this only when
-  tokenizer_config.json exists and is non-empty.
-
-One deliberate addition: ``tokenizer.ggml.add_bos_token = False`` is written when tokenizer_config does not say
-otherwise (it is llama.cpp's default for BPE vocabularies anyway, and what published Qwen3 GGUFs carry).
+* Merges, special token ids, ``add_bos``/``add_eos`` (including what SpecialVocab reads off a
+  ``TemplateProcessing`` post-processor) and the chat template come from gguf-py's own ``SpecialVocab``,
+  which is the converter's code. We only check its inputs first, so that malformed files give one clear line
+  instead of an exception inside gguf-py, and check its result against what transformers would do.
+* The token list is the converter's ``get_vocab_base`` loop, computed from tokenizer.json rather than
+  through ``AutoTokenizer`` (loading Qwen's 151k-token tokenizer in transformers costs seconds per export):
+  the model vocabulary with every added token inserted by content; ids below ``vocab_size`` that are missing
+  become ``[PAD{i}]`` / UNUSED; an added token is CONTROL if ``special`` or ``does_token_look_special``,
+  else USER_DEFINED with U+2581 replaced by a space; everything else NORMAL.
+* ``tokenizer.ggml.pre``: the converter looks it up from a hash of token ids, "qwen2" for Qwen's tokenizers.
+  Instead the pre-tokenizer *definition* in tokenizer.json is checked to be Qwen2's (NFC, Split on the Qwen2
+  regex, ByteLevel without regex or prefix space), which is what llama.cpp's pre "qwen2" implements.
+* Post-processors: transformers runs tokenizer.json's post-processor when ``add_special_tokens=True`` (5.24
+  ignores tokenizer_config's ``add_bos_token`` for Qwen2Tokenizer), while llama.cpp can only add its BOS
+  before and its EOS after a text. So the tokens the post-processor adds to a single text must be exactly
+  ``[bos]`` / ``[eos]`` as SpecialVocab derived them; anything else is refused, naming the keys. The no-op
+  ``TemplateProcessing`` that transformers 5 writes for Qwen2 tokenizers passes.
 """
 
 from __future__ import annotations
@@ -43,6 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .checkpoint import read_json
+from .io import PathError, require_regular_file
 
 __all__ = ["QWEN2_PRETOKENIZE_REGEX", "TokenizerError", "add_tokenizer", "does_token_look_special"]
 
@@ -50,8 +45,6 @@ __all__ = ["QWEN2_PRETOKENIZE_REGEX", "TokenizerError", "add_tokenizer", "does_t
 # the "original regex from tokenizer.json" comment of llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2.
 QWEN2_PRETOKENIZE_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
-# SpecialVocab's default special_token_types, in its order (the order of the written keys follows it).
-_SPECIAL_TOKEN_TYPES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 
 
 class TokenizerError(ValueError):
@@ -73,49 +66,217 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> 
     """Add the tokenizer keys convert_hf_to_gguf writes for Qwen3 (see module docstring) to ``writer``.
 
     ``vocab_size`` is config.json's ``vocab_size`` (the embedding rows); the token list is padded to it.
-    Raises ``TokenizerError`` for a missing tokenizer.json, a non byte-level-BPE model, a pre-tokenizer that is
-    not Qwen2's, token ids outside ``[0, vocab_size)`` or missing merges.
+    Raises ``TokenizerError``, naming the file and key, for anything llama.cpp's Qwen2 path cannot represent.
     """
     model_dir = Path(model_dir)
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size <= 0:
         raise TokenizerError(f"vocab_size must be a positive int, got {vocab_size!r}")
     tok_path = model_dir / "tokenizer.json"
-    if not tok_path.is_file():
+    if not tok_path.exists():
         raise TokenizerError(f"{tok_path}: file not found (expected a Hugging Face fast tokenizer.json)")
-    tokenizer = _read_json(tok_path)
+    tokenizer = read_json(tok_path, "tokenizer.json", TokenizerError)
     _check_qwen2_bpe(tok_path, tokenizer)
-
     tokens, toktypes = _token_list(tok_path, tokenizer, vocab_size)
-    merges = _merges(tok_path, tokenizer, model_dir)
+    _check_special_vocab_inputs(model_dir, tokenizer)
 
-    cfg_path = model_dir / "tokenizer_config.json"
-    tokenizer_config: dict[str, Any] | None = _read_json(cfg_path) if cfg_path.is_file() else None
-    if tokenizer_config is not None and not isinstance(tokenizer_config, dict):
-        raise TokenizerError(f"{cfg_path}: expected a JSON object, found {type(tokenizer_config).__name__}")
-    special_ids = _special_token_ids(tokenizer, tokenizer_config, model_dir)
-    add_flags = _add_special_flags(tokenizer_config)
-    chat_template = _chat_template(tokenizer_config, model_dir, cfg_path)
+    special = gguf.SpecialVocab(model_dir, load_merges=True)
+    if not special.merges:
+        # gguf-py silently drops an empty array, and llama.cpp then refuses the file
+        # ("cannot find tokenizer merges in model file"), so fail here instead.
+        raise TokenizerError(
+            f"{tok_path}: key 'model.merges': expected a non-empty merge list (llama.cpp needs "
+            f"tokenizer.ggml.merges for a gpt2 vocabulary), found none there or in merges.txt"
+        )
+    for typ, tid in special.special_token_ids.items():
+        if tid >= vocab_size:
+            raise TokenizerError(f"{model_dir}: special token {typ} has id {tid}; expected an id below vocab_size "
+                                 f"{vocab_size} (tokenizer_config.json '{typ}_token' / config.json '{typ}_token_id')")
+    decided = _post_processor_flags(tok_path, tokenizer, model_dir)
+    flags = {**decided, **{typ: value for typ, value in special.add_special_token.items() if typ not in decided}}
+    # Only bos/eos/sep have GGUFWriter handlers (SpecialVocab would skip the others with a warning).
+    special.add_special_token = {typ: value for typ, value in flags.items() if typ in ("bos", "eos", "sep")}
+    _check_added_specials(model_dir, tok_path, tokenizer, special)
+    _check_chat_template(model_dir, special.chat_template)
 
-    # Same call order as _set_vocab_gpt2 + SpecialVocab.add_to_gguf.
+    # The calls and their order are _set_vocab_gpt2's.
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")
     writer.add_token_list(tokens)
     writer.add_token_types(toktypes)
-    writer.add_token_merges(merges)
-    for typ, tid in special_ids.items():
-        getattr(writer, f"add_{typ}_token_id")(tid)
-    for typ, value in add_flags.items():
-        getattr(writer, f"add_add_{typ}_token")(value)
-    if chat_template is not None:
-        writer.add_chat_template(chat_template)
+    special.add_to_gguf(writer, quiet=True)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+def _check_special_vocab_inputs(model_dir: Path, tokenizer: dict) -> None:
+    """The shapes SpecialVocab assumes without checking, so that it never raises from inside gguf-py."""
+    for name in ("tokenizer_config.json", "chat_template.json", "config.json"):
+        path = model_dir / name
+        if path.exists():
+            data = read_json(path, name, TokenizerError)
+            if not isinstance(data, dict):
+                raise TokenizerError(f"{path}: a JSON {type(data).__name__}; expected an object")
+            if name == "config.json" and "text_config" in data and not isinstance(data["text_config"], dict):
+                raise TokenizerError(f"{path}: key 'text_config': expected an object, found {_describe(data['text_config'])}")
+            if name == "tokenizer_config.json":
+                _check_tokenizer_config(path, data)
+    texts = [model_dir / "chat_template.jinja", model_dir / "merges.txt"]
+    texts += sorted((model_dir / "additional_chat_templates").glob("*.jinja"))
+    for path in texts:
+        if path.exists() or path.is_symlink():
+            try:
+                require_regular_file(path, path.name)
+                path.read_text(encoding="utf-8")
+            except PathError as err:
+                raise TokenizerError(str(err)) from None
+            except UnicodeDecodeError as err:
+                raise TokenizerError(f"{path}: not UTF-8 text ({err})") from None
+    post = tokenizer.get("post_processor")
+    if post is None:
+        return
+    processors = post.get("processors", [post]) if isinstance(post, dict) else None
+    if not isinstance(processors, list) or not all(isinstance(p, dict) for p in processors):
+        raise TokenizerError(f"{model_dir / 'tokenizer.json'}: key 'post_processor': expected a processor object "
+                             f"or a Sequence of them, found {_describe(post)}")
+
+
+def _check_tokenizer_config(path: Path, config: dict) -> None:
+    """The keys SpecialVocab would silently skip when mistyped: the GGUF would then differ from transformers."""
+    for typ in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"):
+        entry = config.get(f"{typ}_token")
+        if entry is not None and not isinstance(entry, str) and not (
+                isinstance(entry, dict) and isinstance(entry.get("content"), str)):
+            raise TokenizerError(f"{path}: key '{typ}_token': expected null, a token string or "
+                                 f"{{\"content\": string}}, found {_describe(entry)}")
+        flag = config.get(f"add_{typ}_token")
+        if flag is not None and not isinstance(flag, bool):
+            raise TokenizerError(f"{path}: key 'add_{typ}_token': expected true or false, found {_describe(flag)}")
+    template = config.get("chat_template")
+    if template is not None and not isinstance(template, (str, list)):
+        raise TokenizerError(f"{path}: key 'chat_template': expected a string or a list of {{name, template}}, "
+                             f"found {_describe(template)}")
+
+
+def _post_processor_adds(path: Path, tokenizer: dict) -> tuple[list[int], list[int]]:
+    """The token ids tokenizer.json's post-processor puts before and after a single text, as the tokenizers
+    library applies it (a Sequence applies its processors in order, each wrapping the result so far)."""
+    post = tokenizer.get("post_processor")
+    if post is None:
+        return [], []
+    before: list[int] = []
+    after: list[int] = []
+    for i, processor in enumerate(post.get("processors", [post])):
+        key = "post_processor" if processor is post else f"post_processor.processors[{i}]"
+        kind = processor.get("type")
+        if kind == "ByteLevel":
+            continue
+        if kind in ("RobertaProcessing", "BertProcessing"):
+            ends = [processor.get("cls"), processor.get("sep")]
+            if not all(isinstance(e, list) and len(e) == 2 and isinstance(e[1], int) for e in ends):
+                raise TokenizerError(f"{path}: key '{key}': expected cls and sep as [token, id], found "
+                                     f"{_describe(processor)}")
+            before, after = [ends[0][1], *before], [*after, ends[1][1]]
+            continue
+        if kind != "TemplateProcessing":
+            raise TokenizerError(f"{path}: key '{key}.type': expected ByteLevel, TemplateProcessing, "
+                                 f"RobertaProcessing or BertProcessing, found {kind!r}")
+        single, specials = processor.get("single"), processor.get("special_tokens", {})
+        pair = processor.get("pair", [])
+        if not isinstance(specials, dict) or not isinstance(pair, list) or not all(isinstance(p, dict) for p in pair):
+            raise TokenizerError(f"{path}: key '{key}': expected 'pair' as a list of pieces and 'special_tokens' "
+                                 f"as an object, found {_describe(processor)}")
+        pieces = single if isinstance(single, list) else []
+        sequences = [j for j, piece in enumerate(pieces) if isinstance(piece, dict) and "Sequence" in piece]
+        if len(sequences) != 1 or pieces[sequences[0]]["Sequence"].get("id") != "A":
+            raise TokenizerError(f"{path}: key '{key}.single': expected one $A with special tokens around it, "
+                                 f"found {_describe(single)}")
+        ids = []
+        for piece in pieces:
+            token = piece.get("SpecialToken", {}).get("id") if isinstance(piece, dict) else None
+            if isinstance(piece, dict) and "Sequence" in piece:
+                ids.append(None)
+                continue
+            entry = specials.get(token) if isinstance(token, str) else None
+            if not isinstance(entry, dict) or not isinstance(entry.get("ids"), list) or \
+                    not all(isinstance(t, int) and not isinstance(t, bool) for t in entry["ids"]):
+                raise TokenizerError(f"{path}: key '{key}.single': piece {_describe(piece)} names no entry of "
+                                     f"'{key}.special_tokens' with integer ids")
+            ids.append(entry["ids"])
+        at = sequences[0]
+        before = [t for entry in ids[:at] for t in entry] + before
+        after = after + [t for entry in ids[at + 1:] for t in entry]
+    return before, after
+
+
+def _post_processor_flags(path: Path, tokenizer: dict, model_dir: Path) -> dict[str, bool]:
+    """add_bos/add_eos as the converter of the llama.cpp we pin reads them off the post-processor.
+
+    Its gguf-py (vendored at 0c1e57098) is newer than PyPI's gguf 0.19.0 in two rules, and its converter is our
+    reference: a ByteLevel post-processor means "add neither", and what the post-processor says wins over
+    tokenizer_config's add_bos_token/add_eos_token (PyPI's lets the config override it). Everything else
+    (merges, ids, the pair template's sep, the chat template) is the same in both and comes from SpecialVocab.
+    """
+    post = tokenizer.get("post_processor")
+    flags: dict[str, bool] = {}
+    config_path = model_dir / "tokenizer_config.json"
+    config = read_json(config_path, "tokenizer_config.json", TokenizerError) if config_path.exists() else {}
+    for processor in (post.get("processors", [post]) if isinstance(post, dict) else []):
+        if processor.get("type") == "ByteLevel":
+            flags.setdefault("bos", False)
+            flags.setdefault("eos", False)
+        elif processor.get("type") == "TemplateProcessing" and len(processor.get("single") or []) > 1:
+            single = processor["single"]
+            first = single[0].get("SpecialToken", {}).get("id") if isinstance(single[0], dict) else None
+            last = single[-1].get("SpecialToken", {}).get("id") if isinstance(single[-1], dict) else None
+            if first:
+                named = [_content(config.get(f"{typ}_token")) for typ in ("bos", "cls")]
+                if config and first not in named and not named[0]:
+                    # The pinned converter would make this token the BOS (and CLS); PyPI's gguf-py would not.
+                    raise TokenizerError(
+                        f"{path}: key 'post_processor' adds {first!r} before every text, but {config_path} "
+                        f"names no bos_token; set bos_token to {first!r} so that llama.cpp adds it too")
+                flags["bos"] = first in named or not config or not named[1]  # it would become the CLS
+            if last:
+                flags["eos"] = True  # SpecialVocab makes the appended token the EOS when it is not already
+    return flags
+
+
+def _content(entry: Any) -> str | None:
+    return entry.get("content") if isinstance(entry, dict) else entry if isinstance(entry, str) else None
+
+
+def _check_added_specials(model_dir: Path, path: Path, tokenizer: dict, special: gguf.SpecialVocab) -> None:
+    """llama.cpp adds its BOS before and its EOS after a text (tokenizer.ggml.add_bos_token/add_eos_token);
+    transformers runs the post-processor. Refuse the files where the two would tokenise differently."""
+    hf_before, hf_after = _post_processor_adds(path, tokenizer)
+    llama_before = [special.special_token_ids.get("bos")] if special.add_special_token.get("bos") else []
+    llama_after = [special.special_token_ids.get("eos")] if special.add_special_token.get("eos") else []
+    for where, hf, llama, typ in (("before", hf_before, llama_before, "bos"),
+                                  ("after", hf_after, llama_after, "eos")):
+        if hf != llama:
+            raise TokenizerError(
+                f"{path}: key 'post_processor': transformers adds token ids {hf} {where} every text, but "
+                f"llama.cpp would add {llama} (add_{typ}_token = {special.add_special_token.get(typ, False)}, "
+                f"{typ} id {special.special_token_ids.get(typ)}, from {model_dir / 'tokenizer_config.json'} keys "
+                f"'{typ}_token'/'add_{typ}_token' and the post-processor); a GGUF can only add its "
+                f"{typ.upper()} token there, so make the files agree")
+
+
+def _check_chat_template(model_dir: Path, template: Any) -> None:
+    """SpecialVocab passes on any string or list; llama.cpp and Ollama need Jinja they can parse."""
+    source = f"{model_dir / 'tokenizer_config.json'} key 'chat_template' (or chat_template.jinja)"
+    if template is None:
+        return
+    named = template if isinstance(template, list) else [{"name": "default", "template": template}]
+    env = ImmutableSandboxedEnvironment()
+    for i, entry in enumerate(named):
+        text = entry.get("template") if isinstance(entry, dict) else None
+        if not isinstance(text, str) or not isinstance(entry.get("name"), str):
+            raise TokenizerError(f"{source}: entry {i}: expected a string, or a list of {{name, template}} "
+                                 f"strings, found {_describe(entry)}")
+        try:
+            env.parse(text)
+        except jinja2.TemplateSyntaxError as err:
+            raise TokenizerError(f"{source}: template {entry['name']!r} is not valid Jinja (line {err.lineno}: "
+                                 f"{err.message})") from None
 
 
 def _check_qwen2_bpe(path: Path, tokenizer: Any) -> None:
@@ -166,21 +327,24 @@ def _check_qwen2_bpe(path: Path, tokenizer: Any) -> None:
         raise TokenizerError(
             f"{path}: key 'normalizer': expected null or {{'type': 'NFC'}} (Qwen2), found {_describe(normalizer)}"
         )
-    # RobertaProcessing/TemplateProcessing would make SpecialVocab derive add_bos/add_eos/add_sep from the
-    # template; Qwen uses ByteLevel (or none), for which SpecialVocab derives nothing.
-    post = tokenizer.get("post_processor")
-    procs = post.get("processors", [post]) if isinstance(post, dict) else []
-    bad = [p.get("type") for p in procs if isinstance(p, dict) and p.get("type") != "ByteLevel"]
-    if bad:
+    merges = model.get("merges")
+    if merges is not None and not (
+        isinstance(merges, list)
+        and (all(isinstance(m, str) for m in merges)
+             or all(isinstance(m, list) and len(m) == 2 and all(isinstance(p, str) for p in m) for m in merges))
+    ):
         raise TokenizerError(
-            f"{path}: key 'post_processor': expected null or ByteLevel (Qwen2), found processor type(s) {bad}"
+            f"{path}: key 'model.merges': expected a list of 'a b' strings or of [a, b] string pairs, "
+            f"found {_describe(merges)}"
         )
 
 
 def _token_list(path: Path, tokenizer: dict, vocab_size: int) -> tuple[list[str], list[int]]:
     """``get_vocab_base``: tokens and token types for ids 0..vocab_size-1."""
     vocab: dict[str, int] = dict(tokenizer["model"]["vocab"])
-    added = tokenizer.get("added_tokens") or []
+    added = tokenizer.get("added_tokens", [])
+    if not isinstance(added, list):
+        raise TokenizerError(f"{path}: key 'added_tokens': expected a list, found {_describe(added)}")
     added_by_id: dict[int, dict] = {}
     for i, at in enumerate(added):
         if (
@@ -233,119 +397,6 @@ def _token_list(path: Path, tokenizer: dict, vocab_size: int) -> tuple[list[str]
             toktypes.append(gguf.TokenType.NORMAL)
         tokens.append(token)
     return tokens, toktypes
-
-
-def _merges(path: Path, tokenizer: dict, model_dir: Path) -> list[str]:
-    """SpecialVocab merges: "a b" strings as stored, or [a, b] pairs joined with spaces inside parts encoded
-    as chr(288) ('Ġ', the byte-level symbol for a space, ggml-org/llama.cpp#9692); merges.txt as fallback."""
-    merges = tokenizer["model"].get("merges")
-    if isinstance(merges, list) and merges:
-        if all(isinstance(m, str) for m in merges):
-            return list(merges)
-        if all(isinstance(m, list) and len(m) == 2 and all(isinstance(p, str) for p in m) for m in merges):
-            return [" ".join(part.replace(" ", chr(ord(" ") + 256)) for part in pair) for pair in merges]
-        raise TokenizerError(
-            f"{path}: key 'model.merges': expected a list of 'a b' strings or of [a, b] string pairs, "
-            f"found e.g. {_describe(merges[0])}"
-        )
-    txt = model_dir / "merges.txt"
-    if txt.is_file():
-        out = []
-        with open(txt, encoding="utf-8") as fp:  # same line iteration as SpecialVocab._try_load_merges_txt
-            lines = list(fp)
-        if lines and lines[0].strip().startswith("#"):
-            lines = lines[1:]
-        for line in lines:
-            parts = line.strip().split(None, 3)
-            if len(parts) == 2:  # SpecialVocab ignores blank and malformed lines
-                out.append(f"{parts[0]} {parts[1]}")
-        if out:
-            return out
-    # gguf-py silently drops an empty array, and llama.cpp then refuses the file
-    # ("cannot find tokenizer merges in model file"), so fail here instead.
-    raise TokenizerError(
-        f"{path}: key 'model.merges': expected a non-empty merge list (llama.cpp needs tokenizer.ggml.merges "
-        f"for a gpt2 vocabulary), found {_describe(merges)} and no usable {txt.name}"
-    )
-
-
-def _special_token_ids(tokenizer: dict, tokenizer_config: dict | None, model_dir: Path) -> dict[str, int]:
-    """SpecialVocab._try_load_from_tokenizer_json (special ids part) then _try_load_from_config_json."""
-    ids: dict[str, int] = {}
-
-    def set_id(typ: str, tid: Any) -> None:  # SpecialVocab._set_special_token with n_vocab=None
-        if not isinstance(tid, int):
-            return
-        if tid < 0:
-            raise TokenizerError(
-                f"invalid value for special token type {typ}: {tid} (expected a non-negative id)"
-            )
-        ids.setdefault(typ, tid)
-
-    added = tokenizer.get("added_tokens") or []
-    if tokenizer_config:
-        cfg = dict(tokenizer_config)
-        # SpecialVocab: a missing bos/eos falls back to cls/sep.
-        if not cfg.get("bos_token") and cfg.get("cls_token"):
-            cfg["bos_token"] = cfg["cls_token"]
-        if not cfg.get("eos_token") and cfg.get("sep_token"):
-            cfg["eos_token"] = cfg["sep_token"]
-        for typ in _SPECIAL_TOKEN_TYPES:
-            entry = cfg.get(f"{typ}_token")
-            if isinstance(entry, dict):
-                entry = entry.get("content")
-            if not isinstance(entry, str):
-                continue
-            set_id(typ, next((at.get("id") for at in added if at.get("content") == entry), None))
-
-    config_path = model_dir / "config.json"
-    if config_path.is_file():
-        config = _read_json(config_path)
-        if isinstance(config, dict):
-            for typ in _SPECIAL_TOKEN_TYPES:
-                tid = config.get(f"{typ}_token_id")
-                if tid is None and isinstance(config.get("text_config"), dict):
-                    tid = config["text_config"].get(f"{typ}_token_id")
-                set_id(typ, tid)
-    return ids
-
-
-def _add_special_flags(tokenizer_config: dict | None) -> dict[str, bool]:
-    """add_<typ>_token booleans SpecialVocab would write (only bos/eos/sep have GGUFWriter handlers), with
-    add_bos defaulting to False."""
-    flags: dict[str, bool] = {"bos": False}
-    for typ in _SPECIAL_TOKEN_TYPES:
-        value = (tokenizer_config or {}).get(f"add_{typ}_token")
-        if isinstance(value, bool) and typ in ("bos", "eos", "sep"):
-            flags[typ] = value
-    return flags
-
-
-def _chat_template(
-    tokenizer_config: dict | None, model_dir: Path, cfg_path: Path
-) -> str | list[dict[str, str]] | None:
-    """SpecialVocab's chat template resolution (see module docstring)."""
-    if not tokenizer_config:
-        return None
-    alt: str | list[dict[str, str]] | None = None
-    jinja = model_dir / "chat_template.jinja"
-    json_file = model_dir / "chat_template.json"
-    if jinja.is_file():
-        alt = jinja.read_text(encoding="utf-8")
-        extra = sorted((model_dir / "additional_chat_templates").glob("*.jinja"))
-        if extra:
-            alt = [{"name": "default", "template": alt}]
-            alt += [{"name": p.stem, "template": p.read_text(encoding="utf-8")} for p in extra]
-    elif json_file.is_file():
-        data = _read_json(json_file)
-        alt = data.get("chat_template") if isinstance(data, dict) else None
-    template = tokenizer_config.get("chat_template", alt)
-    if template is None or isinstance(template, (str, list)):
-        return template or None  # GGUFWriter.add_string skips "" anyway
-    raise TokenizerError(
-        f"{cfg_path}: key 'chat_template': expected a string or a list of {{name, template}}, "
-        f"found {_describe(template)}"
-    )
 
 
 def _describe(value: Any, limit: int = 160) -> str:

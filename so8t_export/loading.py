@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import save_file
 
 from . import triality
-from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, CheckpointReader
+from .checkpoint import FLOAT_DTYPES, INDEX_FILE, SCALE_SUFFIX, SINGLE_FILE, CheckpointError, CheckpointReader
 from .config import MODEL_TYPE, SO8TConfig
 from .fold import role, unfold_weight
+from .io import atomic_output, current_umask, fsync_folder
 from .model import SO8TTransformerForCausalLM
 from .rotation import plan_rotations
 
@@ -69,19 +70,29 @@ def expected_shapes(config: SO8TConfig, is_so8t: bool) -> dict[str, tuple[int, .
 
 
 def check_tensors(reader: CheckpointReader, config: SO8TConfig, is_so8t: bool) -> None:
-    """Every tensor present with its expected shape and none left over; errors name the tensor."""
+    """Every tensor present with its expected shape and a float dtype, and none left over; errors name the
+    file and tensor."""
     expected = expected_shapes(config, is_so8t)
     for name, shape in expected.items():
         if name not in reader:
             raise CheckpointError(f"{reader.model_dir}: tensor {name} is missing")
+        where = f"{reader.location(name)}: tensor {name}"
         if reader.shape(name) != shape:
-            raise CheckpointError(f"{reader.model_dir}: tensor {name} has shape {list(reader.shape(name))}; "
-                                  f"expected {list(shape)}")
+            raise CheckpointError(f"{where} has shape {list(reader.shape(name))}; expected {list(shape)}")
+        dtype = reader.info(name)["dtype"]
+        allowed = FLOAT_DTYPES if name not in ROTATION_BUFFERS else ("F32", "F64")  # rotations keep float32
+        if dtype not in allowed or (dtype == "F8_E4M3" and is_so8t_extra(name)):
+            raise CheckpointError(f"{where} has dtype {dtype}; expected one of {', '.join(allowed)}")
     tied_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
     leftover = sorted(set(reader.names()) - set(expected) - tied_extra)
     if leftover:
         raise CheckpointError(f"{reader.model_dir}: tensors not used by SO8T/Qwen3: {', '.join(leftover[:8])}"
                               + (" ..." if len(leftover) > 8 else ""))
+    for scale in reader.scale_names():
+        weight = scale.removesuffix(SCALE_SUFFIX) + ".weight"
+        if weight not in reader or reader.info(weight)["dtype"] != "F8_E4M3":
+            raise CheckpointError(f"{reader.location(scale)}: tensor {scale} scales {weight}, which is not a "
+                                  "float8_e4m3fn weight of this checkpoint")
 
 
 def init_head(config: SO8TConfig, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -102,7 +113,11 @@ def rotations_and_heads(reader: CheckpointReader, config: SO8TConfig, is_so8t: b
         rotations, cross_head = (reader.read(name, torch.float32) for name in ROTATION_BUFFERS)
         heads = {f"{head}.{part}": reader.read(f"{head}.{part}", dtype) for head in HEADS
                  for part in ("weight", "bias")}
-        source = f"{reader.model_dir}: {ROTATION_BUFFERS[0]}"
+        source = f"{reader.location(ROTATION_BUFFERS[0])}: {ROTATION_BUFFERS[0]} / {ROTATION_BUFFERS[1]}"
+        for name, tensor in heads.items():
+            if not torch.isfinite(tensor).all():
+                raise CheckpointError(f"{reader.location(name)}: tensor {name} has NaN or Inf values; expected "
+                                      "finite head weights (they become so8t.* metadata)")
     else:
         rotations = triality.triality_rotations(config.so8t_rotation_seed).float()
         cross_head = triality.cross_head_rotation(config.so8t_rotation_seed).float()
@@ -113,10 +128,15 @@ def rotations_and_heads(reader: CheckpointReader, config: SO8TConfig, is_so8t: b
 
 
 def load_pretrained(model_dir: str | Path, torch_dtype=None, **config_overrides) -> SO8TTransformerForCausalLM:
-    reader = CheckpointReader(model_dir)
+    with CheckpointReader(model_dir) as reader:
+        return _load(reader, model_dir, torch_dtype, config_overrides)
+
+
+def _load(reader: CheckpointReader, model_dir: str | Path, torch_dtype, config_overrides: dict):
     is_so8t = reader.raw_config.get("model_type") == MODEL_TYPE
     config = SO8TConfig.from_dict(reader.raw_config, source=str(Path(model_dir) / "config.json"),
                                   **config_overrides)
+    config.check_token_ids(str(Path(model_dir) / "config.json"))
     dtype = resolve_dtype(torch_dtype, config)
     with torch.device("meta"):
         model = SO8TTransformerForCausalLM(config)
@@ -142,46 +162,90 @@ def load_pretrained(model_dir: str | Path, torch_dtype=None, **config_overrides)
     if missing:
         raise CheckpointError(f"{model_dir}: no weights for {', '.join(missing)}")
     model.name_or_path = str(model_dir)
-    reader.close()
     return model.eval()
+
+
+def _shard(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def _is_so8t_checkpoint(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def save_pretrained(model: SO8TTransformerForCausalLM, model_dir: str | Path,
                     max_shard_bytes: int = 4 << 30) -> None:
     """Write config.json (model_type so8t) and safetensors weights, buffers and heads; copy tokenizer files
-    from the folder the model was loaded from. The folder appears complete or not at all."""
+    from the folder the model was loaded from.
+
+    Nothing of anyone else's is ever lost: a new (or empty) folder appears complete or not at all; an existing
+    SO8T checkpoint has only our files replaced, each atomically; any other non-empty folder (a Qwen3
+    checkpoint, the working directory) is refused, as mlx-lm's convert refuses an existing output.
+    """
     model_dir = Path(model_dir)
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
-    try:
-        model.config.save_pretrained(tmp)
-        state = {n: t.detach().contiguous() for n, t in model.state_dict().items()
-                 if not (model.config.tie_word_embeddings and n == "task_head.weight")}
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name, tensor in state.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = tensor
-            size += nbytes
-        if len(shards) == 1:
-            save_file(shards[0], tmp / SINGLE_FILE, metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / file, metadata={"format": "pt"})
-                weight_map.update({name: file for name in shard})
-            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-        source = getattr(model, "name_or_path", None)
+    if model_dir.exists() and not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: exists and is not a folder; expected a folder to save into")
+    existing = model_dir.is_dir() and any(model_dir.iterdir())
+    if existing and not _is_so8t_checkpoint(model_dir):
+        raise CheckpointError(f"{model_dir}: folder is not empty and holds no SO8T checkpoint; refusing to write "
+                              "into it (its files could be lost): save to a new folder")
+    state = {n: t.detach().contiguous() for n, t in model.state_dict().items()
+             if not (model.config.tie_word_embeddings and n == "task_head.weight")}
+    shards = _shard(state, max_shard_bytes)
+    files = [SINGLE_FILE] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    source = Path(model.name_or_path) if getattr(model, "name_or_path", None) else None
+
+    def write_into(folder: Path) -> None:
+        model.config.save_pretrained(folder)
+        for file, shard in zip(files, shards):
+            with atomic_output(folder / file) as tmp:
+                save_file(shard, tmp, metadata={"format": "pt"})
+        if len(shards) > 1:
+            weight_map = {name: file for file, shard in zip(files, shards) for name in shard}
+            with atomic_output(folder / INDEX_FILE) as tmp:
+                tmp.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
         for file in TOKENIZER_FILES:
-            if source and (Path(source) / file).exists():
-                shutil.copy2(Path(source) / file, tmp / file)
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        os.replace(tmp, model_dir)
+            if source and (source / file).is_file() and not _same_file(source / file, folder / file):
+                with atomic_output(folder / file) as tmp:
+                    shutil.copyfile(source / file, tmp)
+
+    if existing:
+        write_into(model_dir)
+        # weights of an earlier save with another shard layout would be read instead of, or beside, ours
+        stale = {p.name for p in model_dir.glob("model*.safetensors")} - set(files)
+        if len(shards) == 1:
+            stale.add(INDEX_FILE)
+        for name in sorted(stale):
+            (model_dir / name).unlink(missing_ok=True)
+        fsync_folder(model_dir)
+        return
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", suffix=".tmp", dir=model_dir.parent))
+    try:
+        write_into(tmp_dir)
+        os.chmod(tmp_dir, 0o777 & ~current_umask())  # mkdtemp makes 0700; a checkpoint is an ordinary folder
+        os.replace(tmp_dir, model_dir)  # onto a missing or empty folder
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
+    fsync_folder(model_dir.parent)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

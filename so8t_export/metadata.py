@@ -7,6 +7,8 @@ documents each key for other tools.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,18 +17,16 @@ import numpy as np
 import torch
 
 from .config import SO8TConfig
+from .gguf_file import MetadataError, Qwen3Hparams, array_value, finite, read_qwen3_hparams, scalar_value
 from .model import HEAD_LABELS
 from .rotation import head_types, layer_types
+from .triality import RotationError, validate_rotations
 
 SCHEMA_VERSION = 1
 PREFIX = "so8t."
 FOLD_ERROR_KEY = "so8t.fold.max_abs_error"
 SOURCE_HASH_KEY = "so8t.source.sha256"
 _V = gguf.GGUFValueType
-
-
-class MetadataError(ValueError):
-    """A GGUF whose so8t.* metadata is missing, mistyped or inconsistent; names the file and key."""
 
 
 def _floats(t: torch.Tensor) -> list[float]:
@@ -76,10 +76,14 @@ def add_so8t_metadata(writer: gguf.GGUFWriter, entries: list[tuple]) -> None:
 
 
 def field_value(reader: gguf.GGUFReader, key: str, path: str | Path = "GGUF"):
+    """The value of any key, untyped; MetadataError when it is missing (see gguf_file for typed reads)."""
     field = reader.get_field(key)
     if field is None:
         raise MetadataError(f"{path}: metadata key {key} is missing")
-    return field.contents()
+    try:
+        return field.contents()
+    except UnicodeDecodeError as err:
+        raise MetadataError(f"{path}: {key} holds a string that is not UTF-8 ({err.reason})") from None
 
 
 @dataclass
@@ -99,36 +103,149 @@ class SO8TMetadata:
     source_sha256: str
 
 
-def read_so8t_metadata(reader: gguf.GGUFReader, path: str | Path = "GGUF") -> SO8TMetadata:
-    """Parse and shape-check the so8t.* keys; raises MetadataError naming the key on any mismatch."""
+# Schema version 1, as so8t_entries writes it. so8t.cross_head.rotation is there exactly when
+# so8t.flags.cross_head_interaction is true.
+FLAG_NAMES = tuple(SO8TConfig().so8t_flags())
+CROSS_HEAD_KEY = "so8t.cross_head.rotation"
+SCHEMA_KEYS = (
+    ["so8t.version", "so8t.rotation_dim", "so8t.rotations_folded"]
+    + [f"so8t.flags.{flag}" for flag in FLAG_NAMES]
+    + ["so8t.triality.rotations", "so8t.triality.q_head_types", "so8t.triality.kv_head_types", CROSS_HEAD_KEY,
+       "so8t.mlp.rotation_types"]
+    + [f"so8t.{head}_head.{part}" for head in HEAD_LABELS for part in ("weight", "bias", "labels")]
+    + [FOLD_ERROR_KEY, SOURCE_HASH_KEY]
+)
+# Largest plausible so8t.fold.max_abs_error. Exports write ~1e-15 from an SO8T checkpoint (float64 fold) and
+# ~1e-7 from a plain Qwen3 checkpoint (bounded by the float32 rotation buffers; 2.1e-7 on the tiny demo model,
+# 1.7e-7 on the 4B layout); the exporter refuses anything above 1e-6 relative to the projection's size. A
+# wrong fold (transposed rotation, wrong head type) is off by O(1). 1e-3 leaves a margin of ~5000x over what
+# real exports write and stays 1000x below a wrong fold.
+FOLD_ERROR_LIMIT = 1e-3
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_V_U32, _V_I32, _V_F32 = (_V.UINT32,), (_V.INT32,), (_V.FLOAT32,)
 
-    def get(key):
-        return field_value(reader, key, path)
 
-    version = get("so8t.version")
+def has_so8t_metadata(reader: gguf.GGUFReader) -> bool:
+    """Whether any so8t.* key is present (a stock qwen3 GGUF has none)."""
+    return any(key.startswith(PREFIX) for key in reader.fields)
+
+
+def read_so8t_metadata(reader: gguf.GGUFReader, path: str | Path = "GGUF",
+                       hparams: Qwen3Hparams | None = None) -> SO8TMetadata:
+    """Parse and check the so8t.* keys against the schema and the qwen3.* shape.
+
+    Raises MetadataError naming the file and the key on anything missing (a file with some so8t.* keys
+    must have all of them), unknown, of the wrong type or length, non-finite, or inconsistent: head types
+    other than the flags imply, labels other than the schema's, rotations that fail the triality check
+    (triality.validate_rotations), a fold error that is NaN, negative or above FOLD_ERROR_LIMIT, a sha256 that
+    is not 64 hex digits. hparams (read_qwen3_hparams) is read if not given.
+    """
+    if hparams is None:
+        hparams = read_qwen3_hparams(reader, path)
+    present = {key for key in reader.fields if key.startswith(PREFIX)}
+    version = scalar_value(reader, "so8t.version", path, _V_U32)
     if version != SCHEMA_VERSION:
-        raise MetadataError(f"{path}: so8t.version = {version}; expected {SCHEMA_VERSION}")
-    hidden = field_value(reader, "qwen3.embedding_length", path)
+        raise MetadataError(f"{path}: so8t.version = {version}; expected {SCHEMA_VERSION} (the schema this "
+                            "so8t-export reads)")
+    unknown = sorted(present - set(SCHEMA_KEYS))
+    if unknown:
+        raise MetadataError(f"{path}: {unknown[0]} is not a key of so8t.* schema version {SCHEMA_VERSION}")
+    flags = {}
+    def missing(key: str) -> MetadataError:
+        return MetadataError(f"{path}: metadata key {key} is missing (the file has so8t.* metadata, but "
+                             f"not all of schema version {SCHEMA_VERSION})")
 
-    def array(key, shape):
-        values = np.asarray(get(key), dtype=np.float32)
-        if values.size != int(np.prod(shape)):
-            raise MetadataError(f"{path}: {key} has {values.size} values; expected {int(np.prod(shape))} "
-                                f"(shape {list(shape)})")
-        return values.reshape(shape)
+    for flag in FLAG_NAMES:
+        key = f"so8t.flags.{flag}"
+        if key not in present:
+            raise missing(key)
+        flags[flag] = bool(scalar_value(reader, key, path, (_V.BOOL,)))
+    for key in SCHEMA_KEYS:
+        if key not in present and key != CROSS_HEAD_KEY:
+            raise missing(key)
 
-    flags = {key.removeprefix("so8t.flags."): bool(reader.get_field(key).contents())
-             for key in reader.fields if key.startswith("so8t.flags.")}
+    rotation_dim = scalar_value(reader, "so8t.rotation_dim", path, _V_U32)
+    if rotation_dim != 8:
+        raise MetadataError(f"{path}: so8t.rotation_dim = {rotation_dim}; expected 8 (triality exists "
+                            "only in dimension 8)")
+    if not scalar_value(reader, "so8t.rotations_folded", path, (_V.BOOL,)):
+        raise MetadataError(f"{path}: so8t.rotations_folded = false; expected true (llama.cpp runs the "
+                            "tensors as stock Qwen3, so the rotations must be folded into them)")
+
+    def floats(key: str, shape: tuple[int, ...], what: str = "") -> np.ndarray:
+        values = array_value(reader, key, path, _V_F32, length=math.prod(shape),
+                             length_of=what or f"shape {list(shape)}")
+        return finite(values, key, path).reshape(shape)
+
+    def types(key: str, count: int, count_key: str, symmetry: bool) -> np.ndarray:
+        values = array_value(reader, key, path, _V_I32, length=count, length_of=f"{count_key} = {count}")
+        values = np.asarray(values, dtype=np.int32)
+        outside = values[(values < 0) | (values > 2)]
+        if outside.size:
+            raise MetadataError(f"{path}: {key} holds {int(outside[0])}; expected triality types 0, 1 or 2")
+        expected = head_types(count, symmetry).numpy().astype(np.int32)
+        if not np.array_equal(values, expected):
+            i = int(np.flatnonzero(values != expected)[0])
+            rule = "index % 3" if symmetry else "0 everywhere"
+            raise MetadataError(f"{path}: {key}[{i}] = {int(values[i])}; expected {int(expected[i])} "
+                                f"({rule}, as so8t.flags.triality_symmetry = {str(symmetry).lower()} "
+                                "implies)")
+        return values
+
+    symmetry = flags["triality_symmetry"]
+    rotations = floats("so8t.triality.rotations", (3, 8, 8), "3 x 8 x 8: R_v, R_+, R_-")
+    # validated below, with the cross-head rotation (orthogonal, det +1, the triality identity)
+    if flags["cross_head_interaction"]:
+        if CROSS_HEAD_KEY not in present:
+            raise MetadataError(f"{path}: metadata key {CROSS_HEAD_KEY} is missing; "
+                                "so8t.flags.cross_head_interaction = true needs it")
+        cross = floats(CROSS_HEAD_KEY, (8, 8))
+    elif CROSS_HEAD_KEY in present:
+        raise MetadataError(f"{path}: {CROSS_HEAD_KEY} is present, but so8t.flags.cross_head_interaction "
+                            "= false; expected no cross-head rotation")
+    else:
+        cross = None
+    try:
+        validate_rotations(torch.from_numpy(np.ascontiguousarray(rotations)),
+                           None if cross is None else torch.from_numpy(np.ascontiguousarray(cross)),
+                           source=f"{path}: so8t.triality.rotations")
+    except RotationError as err:
+        message = str(err).replace("so8t.triality.rotations: cross_head", CROSS_HEAD_KEY + ":")
+        raise MetadataError(message) from None
+    q_types = types("so8t.triality.q_head_types", hparams.head_count, "qwen3.attention.head_count", symmetry)
+    kv_types = types("so8t.triality.kv_head_types", hparams.head_count_kv, "qwen3.attention.head_count_kv",
+                     symmetry)
+    mlp_types = types("so8t.mlp.rotation_types", hparams.block_count, "qwen3.block_count", symmetry)
+
     heads = {}
-    for head in HEAD_LABELS:
-        heads[head] = (array(f"so8t.{head}_head.weight", (2, hidden)), array(f"so8t.{head}_head.bias", (2,)),
-                       list(get(f"so8t.{head}_head.labels")))
-    cross = array("so8t.cross_head.rotation", (8, 8)) if reader.get_field("so8t.cross_head.rotation") else None
+    hidden = hparams.embedding_length
+    for head, labels in HEAD_LABELS.items():
+        weight = floats(f"so8t.{head}_head.weight", (2, hidden), f"2 x qwen3.embedding_length = 2 x {hidden}")
+        bias = floats(f"so8t.{head}_head.bias", (2,))
+        key = f"so8t.{head}_head.labels"
+        found = array_value(reader, key, path, (_V.STRING,))
+        if found != list(labels):
+            raise MetadataError(f"{path}: {key} = {found!r}; expected {list(labels)!r}")
+        heads[head] = (weight, bias, found)
+
+    fold_error = float(scalar_value(reader, FOLD_ERROR_KEY, path, _V_F32))
+    if not (math.isfinite(fold_error) and 0 <= fold_error <= FOLD_ERROR_LIMIT):
+        raise MetadataError(f"{path}: {FOLD_ERROR_KEY} = {fold_error:.7g}; expected a finite number in "
+                            f"[0, {FOLD_ERROR_LIMIT:g}] (a correct fold is off by ~1e-15 to ~1e-7)")
+    sha256 = scalar_value(reader, SOURCE_HASH_KEY, path, (_V.STRING,))
+    if not _SHA256.fullmatch(sha256):
+        shown = sha256 if len(sha256) <= 80 else sha256[:77] + "..."
+        raise MetadataError(f"{path}: {SOURCE_HASH_KEY} = {shown!r}; expected 64 hexadecimal digits")
     return SO8TMetadata(
-        version=version, rotation_dim=get("so8t.rotation_dim"), flags=flags,
-        rotations=array("so8t.triality.rotations", (3, 8, 8)), cross_head=cross,
-        q_head_types=np.asarray(get("so8t.triality.q_head_types"), dtype=np.int32),
-        kv_head_types=np.asarray(get("so8t.triality.kv_head_types"), dtype=np.int32),
-        mlp_rotation_types=np.asarray(get("so8t.mlp.rotation_types"), dtype=np.int32),
-        heads=heads, fold_max_abs_error=float(get(FOLD_ERROR_KEY)), source_sha256=get(SOURCE_HASH_KEY),
+        version=version, rotation_dim=rotation_dim, flags=flags, rotations=rotations, cross_head=cross,
+        q_head_types=q_types, kv_head_types=kv_types, mlp_rotation_types=mlp_types, heads=heads,
+        fold_max_abs_error=fold_error, source_sha256=sha256,
     )
+
+
+def read_optional_so8t_metadata(reader: gguf.GGUFReader, path: str | Path = "GGUF",
+                                hparams: Qwen3Hparams | None = None) -> SO8TMetadata | None:
+    """None for a file without any so8t.* key (a stock qwen3 GGUF), else read_so8t_metadata."""
+    if not has_so8t_metadata(reader):
+        return None
+    return read_so8t_metadata(reader, path, hparams)

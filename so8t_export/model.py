@@ -266,10 +266,10 @@ class SO8TTransformerForCausalLM(nn.Module):
         return load_pretrained(model_dir, torch_dtype=dtype if dtype is not None else torch_dtype,
                                **config_overrides)
 
-    def save_pretrained(self, model_dir: str | Path) -> None:
+    def save_pretrained(self, model_dir: str | Path, max_shard_bytes: int = 4 << 30) -> None:
         from .loading import save_pretrained
 
-        save_pretrained(self, model_dir)
+        save_pretrained(self, model_dir, max_shard_bytes=max_shard_bytes)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         from .generation import generate

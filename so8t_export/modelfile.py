@@ -69,11 +69,12 @@ import glob
 import math
 import os
 import re
-import tempfile
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .io import PathError, check_output_path, require_regular_file, write_bytes_atomic
 
 # --------------------------------------------------------------------------------------------------------
 # Pins and defaults
@@ -713,6 +714,10 @@ def check_modelfile(path: str | os.PathLike, *, require_files: bool = True) -> M
     The TEMPLATE's Go syntax is not checked here (that needs Go's text/template; ``ollama_template/`` does it).
     """
     path = Path(path)
+    try:
+        require_regular_file(path, "Modelfile")
+    except PathError as err:
+        raise ModelfileError(str(err)) from None
     commands = parse_modelfile(path.read_bytes())
     return check_commands(commands, base_dir=path.resolve().parent, require_files=require_files)
 
@@ -839,16 +844,6 @@ def render_modelfile(
     return text
 
 
-def _new_file_mode(path: Path) -> int:
-    """The mode the file keeps (if it exists) or would get from open(): 0o666 minus the umask."""
-    try:
-        return path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
 def write_modelfile(
     gguf_path: str | os.PathLike,
     modelfile_path: str | os.PathLike,
@@ -861,18 +856,8 @@ def write_modelfile(
     text = render_modelfile(gguf_path, modelfile_path, system=system, num_ctx=num_ctx, parameters=parameters)
     out = Path(modelfile_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _new_file_mode(out))  # mkstemp makes 0600; a Modelfile is an ordinary shared file
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return out
+        check_output_path(out, [Path(gguf_path)])
+    except PathError as err:
+        raise ModelfileError(str(err)) from None
+    return write_bytes_atomic(out, text.encode("utf-8"))

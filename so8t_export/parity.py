@@ -14,7 +14,8 @@ import gguf
 import numpy as np
 import torch
 
-from .metadata import field_value
+from .gguf_file import GGUFHeader, read_gguf_header, read_qwen3_hparams, scalar_value
+from .metadata import read_optional_so8t_metadata
 from .model import SO8TTransformerForCausalLM
 from .runtime import SO8TRuntime, softmax
 
@@ -60,8 +61,8 @@ class PromptParity:
     top1: float
     greedy_matched: int
     greedy_total: int
-    safety_diff: float
-    authority_diff: float
+    safety_diff: float | None  # None when the GGUF has no so8t.* heads
+    authority_diff: float | None
 
 
 @dataclass
@@ -71,13 +72,19 @@ class ParityReport:
     rows: list[PromptParity]
     thresholds: Thresholds
     failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         return not self.failures
 
+    @property
+    def has_heads(self) -> bool:
+        return all(r.safety_diff is not None for r in self.rows)
+
     def aggregate(self) -> dict:
         klds = [r.mean_kld for r in self.rows]
+        heads = self.has_heads
         return {
             "tokens_equal": all(r.tokens_equal for r in self.rows),
             "max_abs_logit": max(r.max_abs_logit for r in self.rows),
@@ -85,13 +92,13 @@ class ParityReport:
             "p99_kld": max(r.p99_kld for r in self.rows),
             "top1": float(np.mean([r.top1 for r in self.rows])),
             "greedy": sum(r.greedy_matched for r in self.rows) / max(1, sum(r.greedy_total for r in self.rows)),
-            "safety_diff": max(r.safety_diff for r in self.rows),
-            "authority_diff": max(r.authority_diff for r in self.rows),
+            "safety_diff": max(r.safety_diff for r in self.rows) if heads else None,
+            "authority_diff": max(r.authority_diff for r in self.rows) if heads else None,
         }
 
     def to_json(self) -> str:
         return json.dumps({"file_type": self.file_type, "kv_cache": self.kv_cache, "passed": self.passed,
-                           "failures": self.failures, "aggregate": self.aggregate(),
+                           "failures": self.failures, "notes": self.notes, "aggregate": self.aggregate(),
                            "thresholds": asdict(self.thresholds), "prompts": [asdict(r) for r in self.rows]},
                           indent=2, ensure_ascii=False)
 
@@ -103,14 +110,19 @@ class ParityReport:
             label = r.prompt.replace("\n", "\\n")[:28]
             lines.append(f"{label:<28} {r.tokens:>4} {'yes' if r.tokens_equal else 'NO':>4} {r.max_abs_logit:>11.2e} "
                          f"{r.mean_kld:>9.2e} {r.p99_kld:>9.2e} {r.top1:>6.1%} "
-                         f"{f'{r.greedy_matched}/{r.greedy_total}':>7} {r.safety_diff:>9.2e} {r.authority_diff:>9.2e}")
+                         f"{f'{r.greedy_matched}/{r.greedy_total}':>7} {_diff(r.safety_diff)} {_diff(r.authority_diff)}")
         a = self.aggregate()
         lines.append("-" * len(head))
         lines.append(f"{'all':<28} {sum(r.tokens for r in self.rows):>4} {'yes' if a['tokens_equal'] else 'NO':>4} "
                      f"{a['max_abs_logit']:>11.2e} {a['mean_kld']:>9.2e} {a['p99_kld']:>9.2e} {a['top1']:>6.1%} "
-                     f"{a['greedy']:>7.1%} {a['safety_diff']:>9.2e} {a['authority_diff']:>9.2e}")
+                     f"{a['greedy']:>7.1%} {_diff(a['safety_diff'])} {_diff(a['authority_diff'])}")
+        lines += [f"note: {note}" for note in self.notes]
         lines.append("PASS" if self.passed else "FAIL: " + "; ".join(self.failures))
         return "\n".join(lines)
+
+
+def _diff(value: float | None) -> str:
+    return f"{'n/a':>9}" if value is None else f"{value:>9.2e}"
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -129,39 +141,77 @@ def read_prompts(path: str | Path | None) -> list[str]:
     """A .json list of strings, or a text file with one prompt per line (\\n escapes allowed)."""
     if path is None:
         return list(DEFAULT_PROMPTS)
+    from .io import require_regular_file
+
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        prompts = json.loads(text)
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"{path}: expected a JSON list of strings")
-        return prompts
-    return [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
+    require_regular_file(path, "prompts file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        prompts = json.loads(text) if path.suffix == ".json" else [
+            line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: expected UTF-8 {'JSON' if path.suffix == '.json' else 'text'} prompts ({err})") from None
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ValueError(f"{path}: expected a non-empty list of non-empty prompt strings")
+    return prompts
 
 
-def gguf_file_type(path: Path) -> str:
-    value = field_value(gguf.GGUFReader(path), "general.file_type", path)
+def gguf_file_type(path: Path, reader: GGUFHeader | gguf.GGUFReader | None = None) -> str:
+    """general.file_type as parity's name for it; reader: the header (read_gguf_header) if already read."""
+    reader = read_gguf_header(path) if reader is None else reader
+    value = scalar_value(reader, "general.file_type", path, (gguf.GGUFValueType.UINT32,))
     try:
         return FILE_TYPE_NAMES[gguf.LlamaFileType(value)]
     except (ValueError, KeyError):
         raise ValueError(f"{path}: general.file_type = {value}; parity knows f32, f16, bf16 and q8_0") from None
 
 
+def load_tokenizer(model_dir: str | Path):
+    """transformers' tokenizer of MODEL_DIR; a broken tokenizer file is one error naming it."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import read_json
+
+    model_dir = Path(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (model_dir / name).exists() or (model_dir / name).is_symlink():
+            read_json(model_dir / name, name, ValueError)  # names the file (and refuses a FIFO before open)
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as err:  # noqa: BLE001 - transformers raises ValueError, OSError, KeyError, TypeError, ...
+        raise ValueError(f"{model_dir}: transformers cannot load the tokenizer (tokenizer.json, "
+                         f"tokenizer_config.json): {type(err).__name__}: {err}") from None
+
+
+def require_finite_weights(model: torch.nn.Module, model_dir: str | Path) -> None:
+    """The reference must be finite: a NaN weight would only show as NaN columns in the table."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and tensor.numel():
+            low, high = torch.aminmax(tensor.detach())  # propagates NaN: one pass
+            if not (np.isfinite(low.item()) and np.isfinite(high.item())):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ValueError(f"{model_dir}: tensor {name} has {bad} NaN or Inf values; expected finite "
+                                 "weights for the reference")
+
+
 @torch.inference_mode()
 def run_parity(model_dir: str | Path, gguf_path: str | Path, *, prompts: list[str] | None = None,
                greedy_tokens: int = 64, f32_kv_cache: bool | None = None, tokenizer=None) -> ParityReport:
     """Compare reference and llama.cpp on each prompt; failures list the thresholds that were missed."""
-    from transformers import AutoTokenizer
-
     gguf_path = Path(gguf_path)
-    file_type = gguf_file_type(gguf_path)
+    reader = read_gguf_header(gguf_path)  # read once; every check of the file runs before the reference loads
+    file_type = gguf_file_type(gguf_path, reader)
+    hparams = read_qwen3_hparams(reader, gguf_path)
+    has_heads = read_optional_so8t_metadata(reader, gguf_path, hparams) is not None
     thresholds = THRESHOLDS[file_type]
     f32_kv_cache = (file_type == "f32") if f32_kv_cache is None else f32_kv_cache
     prompts = prompts if prompts is not None else list(DEFAULT_PROMPTS)
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = tokenizer or load_tokenizer(model_dir)
     model = SO8TTransformerForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    require_finite_weights(model, model_dir)
     n_ctx = max(256, max(len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts) + greedy_tokens + 8)
-    runtime = SO8TRuntime(gguf_path, n_ctx=n_ctx, f32_kv_cache=f32_kv_cache)
+    runtime = SO8TRuntime(gguf_path, n_ctx=n_ctx, f32_kv_cache=f32_kv_cache, reader=reader)
+    del reader
     stops = set(model.config.eos_token_ids)
     rows = []
     for prompt in prompts:
@@ -182,10 +232,13 @@ def run_parity(model_dir: str | Path, gguf_path: str | Path, *, prompts: list[st
             max_abs_logit=float(np.abs(ref_logits - ours.logits).max()), mean_kld=float(kld.mean()),
             p99_kld=float(np.percentile(kld, 99)), top1=float((ref_logits.argmax(-1) == ours.logits.argmax(-1)).mean()),
             greedy_matched=matched, greedy_total=len(ref_greedy),
-            safety_diff=float(np.abs(ref_safety - ours.safety).max()),
-            authority_diff=float(np.abs(ref_authority - ours.authority).max()),
+            safety_diff=float(np.abs(ref_safety - ours.safety).max()) if has_heads else None,
+            authority_diff=float(np.abs(ref_authority - ours.authority).max()) if has_heads else None,
         ))
     report = ParityReport(file_type, "F32" if f32_kv_cache else "F16", rows, thresholds)
+    if not has_heads:
+        report.notes.append(f"{gguf_path} has no so8t.* metadata (a stock qwen3 GGUF): logits compared, "
+                            "safety/authority head columns skipped")
     a = report.aggregate()
     checks = [
         (a["tokens_equal"], "tokenisation differs"),
@@ -194,8 +247,10 @@ def run_parity(model_dir: str | Path, gguf_path: str | Path, *, prompts: list[st
         (a["mean_kld"] <= thresholds.mean_kld, f"mean KLD {a['mean_kld']:.2e} > {thresholds.mean_kld}"),
         (a["top1"] >= thresholds.top1, f"top-1 agreement {a['top1']:.1%} < {thresholds.top1:.0%}"),
         (a["greedy"] >= thresholds.greedy, f"greedy agreement {a['greedy']:.1%} < {thresholds.greedy:.0%}"),
-        (max(a["safety_diff"], a["authority_diff"]) <= thresholds.head_prob,
-         f"head probability diff {max(a['safety_diff'], a['authority_diff']):.2e} > {thresholds.head_prob}"),
     ]
+    if has_heads:
+        head_diff = max(a["safety_diff"], a["authority_diff"])
+        checks.append((head_diff <= thresholds.head_prob,
+                       f"head probability diff {head_diff:.2e} > {thresholds.head_prob}"))
     report.failures = [message for ok, message in checks if not ok]
     return report

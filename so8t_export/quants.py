@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from gguf.quants import QuantError as _GgufQuantError
 
-__all__ = ["FILE_TYPES", "OUTPUT_TYPES", "BlockFP8", "QuantError", "quantize", "quantize_fp8", "quantized_nbytes",
-           "resolve_qtype"]
+__all__ = ["FILE_TYPES", "OUTPUT_TYPES", "BlockFP8", "QuantError", "nonfinite_encoded", "quantize", "quantize_fp8",
+           "quantized_nbytes", "resolve_qtype"]
 
 _T = gguf.GGMLQuantizationType
 
@@ -327,6 +327,22 @@ def quantize(x: torch.Tensor, qtype: gguf.GGMLQuantizationType | str) -> np.ndar
     if _q8_0_rows(rows, _Q8_0_BLOCK, out):
         _encode_odd_q8_0_blocks(out, rows)
     return out.reshape(byte_shape)
+
+
+def nonfinite_encoded(encoded: np.ndarray, qtype: gguf.GGMLQuantizationType | str) -> int:
+    """How many NaN or Inf values (Q8_0: blocks with a NaN or Inf scale) an encoded tensor holds. For a finite
+    input, any is an overflow of the output type."""
+    qtype = resolve_qtype(qtype)
+    raw = np.ascontiguousarray(encoded).reshape(-1).view(np.uint8)
+    if qtype == _T.F32:
+        return int(raw.size // 4 - np.isfinite(raw.view(np.float32)).sum())
+    if qtype in (_T.F16, _T.BF16):
+        exponent = 0x7C00 if qtype == _T.F16 else 0x7F80  # all exponent bits set: Inf or NaN
+        return int(np.count_nonzero((raw.view(np.uint16) & exponent) == exponent))
+    if qtype == _T.Q8_0:
+        scales = raw.reshape(-1, _Q8_0_BYTES)[:, :2].copy().view(np.uint16)
+        return int(np.count_nonzero((scales & 0x7C00) == 0x7C00))
+    raise QuantError(f"nonfinite_encoded: no check for {qtype.name}")
 
 
 def _encode_odd_q8_0_blocks(out: np.ndarray, values: np.ndarray) -> None:

@@ -95,3 +95,23 @@ def require_llama_cpp():
         import llama_cpp  # noqa: F401
     except ImportError as err:
         skip_or_fail(f"llama-cpp-python is not importable: {err}")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The bad-input suite's table (tests/test_bad_inputs.py): cases per class and what happened to them.
+    FUZZ_REPORT=path.json also writes every case's record there."""
+    import json
+    from pathlib import Path
+
+    try:
+        from fuzz.harness import collect_records, summary_table
+    except ImportError:  # tests/ is not on sys.path (another rootdir): there is no table to print
+        return
+    records = collect_records(terminalreporter.stats)
+    if not records:
+        return
+    terminalreporter.write_sep("=", f"bad-input cases ({len(records)})")
+    for line in summary_table(records):
+        terminalreporter.write_line(line)
+    if os.environ.get("FUZZ_REPORT"):
+        Path(os.environ["FUZZ_REPORT"]).write_text(json.dumps(records, indent=1, ensure_ascii=False))

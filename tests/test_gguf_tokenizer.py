@@ -1,9 +1,7 @@
-"""so8t_export.gguf_tokenizer: the tokenizer keys llama.cpp's converter writes for Qwen3, from JSON only.
+"""so8t_export.gguf_tokenizer on hand-made tokenizer folders: each key's value and type, and bad input.
 
-Oracle: the converter's own code path, replayed here with the real libraries: transformers' AutoTokenizer for
-``get_vocab_base`` (token list and types, the loop copied from ggml-org/llama.cpp conversion/base.py) and
-gguf-py's ``SpecialVocab(dir, load_merges=True).add_to_gguf`` for merges, special ids, add_* flags and the chat
-template. Both writers get the same dummy tensor, so the two GGUF files must be byte-identical.
+The comparison with llama.cpp's real converter, on folders that transformers itself saved, is in
+tests/test_tokenizer_converter.py.
 """
 
 from __future__ import annotations
@@ -143,57 +141,8 @@ def _write_gguf(path: Path, fill) -> gguf.GGUFReader:
     return gguf.GGUFReader(path)
 
 
-def _converter_reference(w: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
-    """_set_vocab_gpt2 as in ggml-org/llama.cpp conversion/base.py (get_vocab_base loop verbatim in logic),
-    with transformers and gguf-py's SpecialVocab; tokpre fixed to "qwen2" (our tiny vocab has no known hash)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    assert max(tokenizer.vocab.values()) < vocab_size
-    reverse_vocab = {id_: encoded_tok for encoded_tok, id_ in tokenizer.vocab.items()}
-    added_vocab = tokenizer.get_added_vocab()
-    added_tokens_decoder = tokenizer.added_tokens_decoder
-    tokens, toktypes = [], []
-    for i in range(vocab_size):
-        if i not in reverse_vocab:
-            tokens.append(f"[PAD{i}]")
-            toktypes.append(gguf.TokenType.UNUSED)
-        else:
-            token = reverse_vocab[i]
-            if token in added_vocab:
-                if not added_tokens_decoder[i].normalized:
-                    token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
-                if added_tokens_decoder[i].special or does_token_look_special(token):
-                    toktypes.append(gguf.TokenType.CONTROL)
-                else:
-                    token = token.replace(b"\xe2\x96\x81".decode("utf-8"), " ")
-                    toktypes.append(gguf.TokenType.USER_DEFINED)
-            else:
-                toktypes.append(gguf.TokenType.NORMAL)
-            tokens.append(token)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types(toktypes)
-    special_vocab = gguf.SpecialVocab(model_dir, load_merges=True)
-    if "bos" not in special_vocab.add_special_token:
-        special_vocab.add_special_token = {"bos": False, **special_vocab.add_special_token}
-    special_vocab.add_to_gguf(w, quiet=True)
-
-
 def _fields(r: gguf.GGUFReader) -> dict:
     return {k: (list(f.types), f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")}
-
-
-@pytest.mark.parametrize("merges_format", ["pairs", "strings"])
-def test_matches_converter_byte_for_byte(tmp_path, tokenizer_json, merges_format):
-    pytest.importorskip("transformers")
-    d = _write_dir(tmp_path / "model", tokenizer_json, merges_format=merges_format)
-    ours = _write_gguf(tmp_path / "ours.gguf", lambda w: add_tokenizer(w, d, VOCAB_SIZE))
-    ref = _write_gguf(tmp_path / "ref.gguf", lambda w: _converter_reference(w, d, VOCAB_SIZE))
-    assert _fields(ours) == _fields(ref)
-    assert list(ours.fields) == list(ref.fields)  # same key order
-    assert (tmp_path / "ours.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
 
 
 def test_every_key_value_and_type(tmp_path, tokenizer_json):
@@ -218,6 +167,7 @@ def test_every_key_value_and_type(tmp_path, tokenizer_json):
         "tokenizer.ggml.padding_token_id",
         "tokenizer.ggml.bos_token_id",
         "tokenizer.ggml.add_bos_token",
+        "tokenizer.ggml.add_eos_token",
         "tokenizer.chat_template",
     ]
     assert f["tokenizer.ggml.model"] == ([V.STRING], "gpt2")
@@ -248,6 +198,7 @@ def test_every_key_value_and_type(tmp_path, tokenizer_json):
         added["<|endoftext|>"],
     )  # config.json bos_token_id
     assert f["tokenizer.ggml.add_bos_token"] == ([V.BOOL], False)
+    assert f["tokenizer.ggml.add_eos_token"] == ([V.BOOL], False)  # a ByteLevel post-processor adds neither
     assert f["tokenizer.chat_template"] == ([V.STRING], CHAT_TEMPLATE)
 
 
@@ -273,7 +224,8 @@ def test_chat_template_jinja_file_and_add_eos(tmp_path, tokenizer_json):
     (d / "chat_template.jinja").write_text("{{ messages[0]['content'] }}\n", encoding="utf-8")
     r = _write_gguf(tmp_path / "t.gguf", lambda w: add_tokenizer(w, d, VOCAB_SIZE))
     assert r.fields["tokenizer.chat_template"].contents() == "{{ messages[0]['content'] }}\n"
-    assert r.fields["tokenizer.ggml.add_eos_token"].contents() is True
+    # transformers (and the pinned converter) follow the ByteLevel post-processor, which adds no EOS
+    assert r.fields["tokenizer.ggml.add_eos_token"].contents() is False
     assert r.fields["tokenizer.ggml.add_bos_token"].contents() is False
     assert gguf.SpecialVocab(d).chat_template == "{{ messages[0]['content'] }}\n"
 
@@ -446,8 +398,8 @@ def test_llama_cpp_tokenizes_like_hf(tmp_path, tokenizer_json):
     assert llm.token_eos() == tokenizer_json["added_tokens"][2]["id"]
 
 
-def test_template_post_processor_rejected(tmp_path, tokenizer_json):
-    """TemplateProcessing would make SpecialVocab derive add_bos/add_eos; Qwen tokenizers never use it."""
+def test_template_post_processor_adding_an_unnamed_token_rejected(tmp_path, tokenizer_json):
+    """A template token that tokenizer_config does not name as bos_token: llama.cpp could not add it."""
     tj = json.loads(json.dumps(tokenizer_json))
     tj["post_processor"] = {
         "type": "TemplateProcessing",
@@ -459,5 +411,6 @@ def test_template_post_processor_rejected(tmp_path, tokenizer_json):
         "special_tokens": {},
     }
     d = _write_dir(tmp_path / "m", tj)
-    with pytest.raises(TokenizerError, match=r"key 'post_processor'.*TemplateProcessing"):
+    with pytest.raises(TokenizerError, match=r"key 'post_processor' adds '<\|im_start\|>' before every text.*"
+                                             r"names no bos_token"):
         _add(d)

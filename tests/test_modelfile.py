@@ -672,9 +672,11 @@ def test_line_numbers_are_recorded():
 # ----------------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_writes_and_checks(tmp_path):
+def test_cli_writes_and_checks(tmp_path, so8t_dir):
+    from so8t_export.export import export_gguf
+
     gguf = tmp_path / "so8t-qwen3-4b-q8_0.gguf"
-    gguf.write_bytes(b"GGUF")
+    export_gguf(so8t_dir, gguf, quant="q8_0")  # modelfile refuses a file that is not a loadable GGUF
     runner = CliRunner()
     res = runner.invoke(
         main,
