@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import shutil
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .quants import OUTPUT_TYPES
+from .config import OUTPUT_TYPE_NAMES as OUTPUT_TYPES
 
 # Problems with the user's input arrive as ValueError subclasses (CheckpointError, ExportError, ...) or
 # OSError; the CLI turns them into one clear line and a non-zero exit instead of a traceback.
@@ -151,47 +153,392 @@ def demo_command(output_dir: Path, quant: str) -> None:
         raise SystemExit(1)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+# ----------------------------------------------------------------------------------------------- so8t (runtime)
+# `so8t run`, `so8t chat` and `so8t serve`: the engine and gate of so8t_export/serve, from a terminal.
+
+def runtime_errors(command):
+    """user_errors, plus llama.cpp's refusals (LlamaError is a RuntimeError) and a prompt that does not fit."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from .runtime import LlamaError
+
+        try:
+            return command(*args, **kwargs)
+        except (*USER_ERRORS, LlamaError) as err:
+            raise click.ClickException(str(err)) from None
+    return wrapper
+
+
+class _Threshold(click.ParamType):
+    """A probability in [0, 1], or off (that stage of the gate off)."""
+
+    name = "P|off"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, float):
+            return value
+        from .terminal import parse_threshold
+
+        try:
+            return parse_threshold(str(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+               "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
+
+
+class _ByteSize(click.ParamType):
+    """A number of bytes: 8388608, 8MiB, 512KiB, 1MB."""
+
+    name = "BYTES"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        import re
+
+        match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(value))
+        unit = match and match.group(2).lower()
+        if not match or unit not in _BYTE_UNITS or int(match.group(1)) * _BYTE_UNITS[unit] < 1:
+            self.fail(f"{value!r} is not a positive number of bytes (e.g. 8388608, 8MiB, 512KiB)", param, ctx)
+        return int(match.group(1)) * _BYTE_UNITS[unit]
+
+
+def _finite(name: str):
+    def check(ctx, param, value):
+        import math
+
+        if value is not None and not math.isfinite(value):  # FloatRange lets nan and inf through
+            raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
+        return value
+    return check
+
+
+def _options(*options):
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
+def _sampling_options():
+    from .serve.engine import SamplingParams
+
+    d = SamplingParams()
+    return _options(
+        click.option("--max-tokens", default=d.max_tokens, show_default=True, type=click.IntRange(min=0),
+                     help="Most tokens to generate, reasoning included."),
+        click.option("--temperature", default=d.temperature, show_default=True, type=click.FloatRange(min=0),
+                     callback=_finite("--temperature"), help="0: greedy."),
+        click.option("--top-p", default=d.top_p, show_default=True, type=click.FloatRange(0, 1)),
+        click.option("--top-k", default=d.top_k, show_default=True, type=click.IntRange(min=0), help="0: off."),
+        click.option("--min-p", default=d.min_p, show_default=True, type=click.FloatRange(0, 1)),
+        click.option("--repeat-penalty", default=d.repeat_penalty, show_default=True,
+                     type=click.FloatRange(min=0, min_open=True), callback=_finite("--repeat-penalty"),
+                     help="1: off."),
+        click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1),
+                     help="Sampling seed (the same seed and prompt give the same answer)."),
+        click.option("--stop", "stops", multiple=True, metavar="TEXT",
+                     help="End the answer before TEXT. Repeat for several."),
+    )
+
+
+def _sampling(options: dict):
+    from .serve.engine import SamplingParams
+
+    return SamplingParams(max_tokens=options["max_tokens"], temperature=options["temperature"],
+                          top_p=options["top_p"], top_k=options["top_k"], min_p=options["min_p"],
+                          repeat_penalty=options["repeat_penalty"], seed=options["seed"],
+                          stop=tuple(options["stops"]))
+
+
+def _engine_options():
+    return _options(
+        click.option("--ctx-size", type=click.IntRange(min=1), default=None,
+                     help="Context size in tokens (prompt + generation). [default: min(4096, the model's "
+                          "qwen3.context_length)]"),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads for llama.cpp. [default: llama-cpp-python's, half the CPUs]"),
+    )
+
+
+_GATE_STAGES = ("refuse_above", "escalate_above", "stop_above", "score_every")
+
+
+def _gate_options():
+    from .serve.gate import GatePolicy
+
+    d = GatePolicy()
+    return _options(
+        click.option("--refuse-above", default=d.refuse_above, show_default=True, type=_Threshold(),
+                     help="Input gate: refuse a prompt whose P(unsafe) at its last token is at least this "
+                          "('off': never)."),
+        click.option("--escalate-above", default=d.escalate_above, show_default=True, type=_Threshold(),
+                     help="Flag a prompt whose P(escalate) is at least this ('off': never)."),
+        click.option("--stop-above", default=d.stop_above, show_default=True, type=_Threshold(),
+                     help="Output gate: stop the stream at the first generated token (reasoning included) "
+                          "whose P(unsafe) is at least this ('off': never)."),
+        click.option("--score-every", default=d.score_every, show_default=True, type=click.IntRange(min=1),
+                     help="Score every N-th generated token (text waits until the next scored token)."),
+        click.option("--no-gate", is_flag=True, help="Every stage off (head scores are still reported)."),
+        click.option("--refusal", default=d.refusal, show_default=True, help="The answer to a refused prompt."),
+    )
+
+
+def _gate_policy(options: dict):
+    from click.core import ParameterSource
+
+    from .serve.gate import GatePolicy
+
+    if options["no_gate"]:
+        ctx = click.get_current_context()
+        given = [f"--{name.replace('_', '-')}" for name in _GATE_STAGES
+                 if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"--no-gate turns every stage off; {', '.join(given)} would do nothing")
+        return dataclasses.replace(GatePolicy.off(), refusal=options["refusal"])
+    return GatePolicy(refuse_above=options["refuse_above"], escalate_above=options["escalate_above"],
+                      stop_above=options["stop_above"], score_every=options["score_every"],
+                      refusal=options["refusal"])
+
+
+def _verbose_option():
+    return click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log lines.")
+
+
+def _setup_logging(verbose: bool) -> bool:
+    """--verbose on the command or on the group (so8t -v run ...)."""
+    from .logs import configure_logging, quiet_llama_cpp
+
+    verbose = verbose or bool(click.get_current_context().find_root().params.get("verbose"))
+    configure_logging(verbose)
+    quiet_llama_cpp(verbose)
+    return verbose
+
+
+def _load_engine(gguf_file: Path, options: dict):
+    """The engine, and the policy to run it with: a stock qwen3 GGUF runs with a note and the gate off."""
+    from .serve.engine import Engine
+    from .serve.gate import GatePolicy
+
+    policy = _gate_policy(options)  # a usage error before the model loads
+    engine = Engine(gguf_file, n_ctx=options["ctx_size"], n_threads=options["threads"], require_heads=False)
+    if not engine.has_heads:
+        click.echo(f"note: {gguf_file} has no so8t.* metadata (no SO8T heads): generating without the "
+                   "safety gate and scores", err=True)
+        policy = dataclasses.replace(GatePolicy.off(), refusal=policy.refusal)
+    return engine, policy
+
+
+class _RuntimeGroup(click.Group):
+    """`so8t FILE.gguf PROMPT [OPTIONS]`, the first release's only form, still means `so8t run`: a first
+    argument that is no command but a path (or an option of `run`) gets `run` put in front of it."""
+
+    def parse_args(self, ctx, args):
+        group_options = {"-v", "--verbose", *ctx.help_option_names}
+        at = 0
+        while at < len(args) and args[at] in ("-v", "--verbose"):
+            at += 1
+        if at < len(args) and args[at] not in self.commands and args[at] not in group_options:
+            first = args[at]
+            if first.startswith("-") or first.lower().endswith(".gguf") or "/" in first or Path(first).exists():
+                args = [*args[:at], "run", *args[at:]]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_RuntimeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log lines (hidden by default; errors "
+                                                    "always show).")
+def runtime_main(verbose: bool) -> None:
+    """Run an exported SO8T GGUF through llama.cpp with its safety gate: the safety and authority heads (read
+    from the file's so8t.* metadata) score the prompt and every generated token.
+
+    \b
+    so8t run FILE.gguf "Is it safe to mix bleach and ammonia?"    # stream the answer, then the gate's line
+    so8t chat FILE.gguf                                           # multi-turn, with slash commands
+    so8t serve FILE.gguf --port 8080                              # OpenAI and Ollama APIs over HTTP
+
+    `so8t FILE.gguf PROMPT` is `so8t run FILE.gguf PROMPT`. A stock qwen3 GGUF runs without the gate.
+    """
+    _setup_logging(verbose)
+    exit_cleanly_on_termination()
+
+
+@runtime_main.command("run")
 @click.argument("gguf_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("prompt")
 @click.option("--system", help="System prompt.")
 @click.option("--raw", is_flag=True, help="Send PROMPT as is, without the chat template.")
-@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=0))
-@click.option("--temperature", default=0.6, show_default=True, type=click.FloatRange(min=0))
-@click.option("--seed", default=0, show_default=True)
-@click.option("--ctx-size", type=click.IntRange(min=1), default=None,
-              help="Context size in tokens (prompt + generation). [default: min(4096, the model's "
-                   "qwen3.context_length)]")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log lines.")
-@user_errors
-def runtime_main(gguf_file: Path, prompt: str, system: str | None, raw: bool, max_tokens: int, temperature: float,
-                 seed: int, ctx_size: int | None, as_json: bool, verbose: bool) -> None:
-    """Chat with an exported SO8T GGUF through llama.cpp and score the prompt with its safety and
-    authority heads (read from the file's so8t.* metadata). A stock qwen3 GGUF runs without scores."""
-    import math
+@_sampling_options()
+@_engine_options()
+@_gate_options()
+@click.option("--show-thinking", is_flag=True, help="Also stream the reasoning, dimmed, to stderr.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object at the end (text, reasoning, finish_reason, tokens, the so8t object) "
+                   "instead of streaming.")
+@_verbose_option()
+@runtime_errors
+def run_command(gguf_file: Path, prompt: str, system: str | None, raw: bool, show_thinking: bool, as_json: bool,
+                verbose: bool, **options) -> None:
+    """Answer PROMPT once through the gate: the answer streams to stdout as it is generated, and the gate's
+    decision and scores follow on stderr in one line (so8t: allow (output), unsafe 0.12, ...).
 
-    from .logs import configure_logging, quiet_llama_cpp
-    from .runtime import LlamaError, SO8TRuntime, chat
+    The input gate may refuse the prompt (the --refusal text is the answer), the output gate stops the stream
+    before the first token whose P(unsafe) crosses --stop-above; nothing past it is printed.
+    """
+    from .serve.engine import ContextExceededError
+    from .terminal import StreamPrinter, context_hint, generate, result_json, summary_line
 
-    if not math.isfinite(temperature):  # FloatRange lets nan and inf through
-        raise click.BadParameter(f"{temperature} is not a finite number", param_hint="'--temperature'")
-    configure_logging(verbose)
-    quiet_llama_cpp(verbose)
+    _setup_logging(verbose)
+    engine, policy = _load_engine(gguf_file, options)
+    if raw and system is not None:
+        click.echo("note: --raw sends PROMPT as is; --system is not used", err=True)
+    text = prompt if raw else engine.render(([{"role": "system", "content": system}] if system else [])
+                                             + [{"role": "user", "content": prompt}])
+    params = _sampling(options)
+    printer = None if as_json else StreamPrinter(show_thinking=show_thinking, thinking_err=True)
     try:
-        runtime = SO8TRuntime(gguf_file, n_ctx=ctx_size)
-        if not runtime.has_heads:
-            click.echo(f"note: {gguf_file} has no so8t.* metadata (no SO8T heads): generating without "
-                       "safety/authority scores", err=True)
-        result = chat(runtime, prompt, system=system, raw=raw, max_tokens=max_tokens, temperature=temperature,
-                      seed=seed)
-    except LlamaError as err:
-        raise click.ClickException(str(err)) from None
-    if result["finish_reason"] == "context":
-        click.echo(f"note: generation stopped at the end of the context ({runtime.n_ctx} tokens) after "
-                   f"{result['tokens']} tokens; --ctx-size sets it", err=True)
-    click.echo(json.dumps(result, indent=2, ensure_ascii=False) if as_json else
-               "\n".join(f"{key}: {value}" for key, value in result.items() if value is not None))
+        run = generate(engine, policy, text, params, None if printer is None else printer.write)
+    except ContextExceededError as err:
+        raise click.ClickException(context_hint(err, engine)) from None
+    except BrokenPipeError:  # `so8t run ... | head -1`: stop quietly, as other tools do
+        _quiet_stdout()
+        raise SystemExit(141) from None
+    finally:
+        if printer is not None:
+            with contextlib.suppress(BrokenPipeError):
+                printer.finish()
+    result = run.result
+    if result.finish_reason == "context":
+        click.echo(f"note: generation stopped at the end of the context ({engine.n_ctx} tokens) after "
+                   f"{result.completion_tokens} tokens; --ctx-size sets it", err=True)
+    if as_json:
+        click.echo(json.dumps(result_json(run, engine), indent=2, ensure_ascii=False))
+        return
+    if not result.content and result.reasoning.strip() and not show_thinking and result.finish_reason != "stop":
+        click.echo(f"note: generation ended ({result.finish_reason}) while the model was still reasoning; "
+                   "--show-thinking shows the reasoning, --max-tokens allows more tokens", err=True)
+    click.echo(summary_line(result, gate_on=policy.enabled, has_heads=engine.has_heads), err=True)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush of a closed pipe prints nothing."""
+    import os
+    import sys
+
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+@runtime_main.command("chat")
+@click.argument("gguf_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--system", help="System prompt (/system changes it during the chat).")
+@click.option("--hide-thinking", is_flag=True, help="Do not print the reasoning (it is generated all the same).")
+@_sampling_options()
+@_engine_options()
+@_gate_options()
+@_verbose_option()
+@runtime_errors
+def chat_command(gguf_file: Path, system: str | None, hide_thinking: bool, verbose: bool, **options) -> None:
+    """Talk with GGUF_FILE turn by turn through the gate. Lines come from stdin (a terminal or a pipe); each
+    answer streams with its reasoning dimmed, and the gate's line follows. /help lists the commands:
+
+    \b
+    /system TEXT, /thresholds, /refuse P, /stop P, /escalate P, /clear, /save FILE, /help, /exit
+
+    Earlier reasoning is kept in the history as reasoning_content (Qwen3's template leaves it out of the
+    prompt); a prompt the input gate refuses is not kept. Ctrl-C ends the current answer, Ctrl-D the chat.
+    With stdin not a terminal, the exit status is 1 when any line failed.
+    """
+    from .terminal import ChatSession, read_lines, stdin_is_terminal
+
+    _setup_logging(verbose)
+    engine, policy = _load_engine(gguf_file, options)
+    session = ChatSession(engine, policy, _sampling(options), system=system, show_thinking=not hide_thinking)
+    interactive = stdin_is_terminal()
+    if interactive:
+        click.echo(click.style(f"so8t chat: {engine.model_name}, {engine.n_ctx} tokens of context. /help for "
+                               "commands, /exit or Ctrl-D to leave.", dim=True), err=True)
+    session.run(read_lines())
+    if session.errors and not interactive:
+        raise SystemExit(1)
+
+
+def _read_key_file(path: Path) -> list[str]:
+    from .io import require_regular_file
+
+    require_regular_file(path, "--api-key-file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise click.ClickException(f"{path}: --api-key-file is not UTF-8 text") from None
+    keys = []
+    for number, line in enumerate(text.splitlines(), 1):
+        key = line.strip()
+        if not key or key.startswith("#"):
+            continue
+        if any(c.isspace() for c in key):
+            raise click.ClickException(f"{path}:{number}: a key holds white space; write one key per line")
+        keys.append(key)
+    if not keys:
+        raise click.ClickException(f"{path}: --api-key-file holds no keys (one per line, # starts a comment)")
+    return keys
+
+
+@runtime_main.command("serve")
+@click.argument("gguf_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", "api_keys", multiple=True, envvar="SO8T_API_KEY", metavar="KEY",
+              help="Accept requests with this key (Authorization: Bearer KEY, or X-Api-Key). Repeat for several; "
+                   "SO8T_API_KEY may hold them, space-separated. [default: no key needed]")
+@click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Keys, one per line (# starts a comment), added to --api-key.")
+@_engine_options()
+@click.option("--queue-size", default=8, show_default=True, type=click.IntRange(min=0),
+              help="Requests that may wait while one generates; more are answered 429 with retry-after.")
+@click.option("--max-body-bytes", default=8 * 2**20, show_default="8MiB", type=_ByteSize(),
+              help="Largest request body (413 above it).")
+@_gate_options()
+@click.option("--gate-errors", is_flag=True,
+              help="Answer a prompt the input gate refuses with HTTP 400 (content_filter), not a 200 refusal.")
+@click.option("--reasoning-field", default="reasoning_content", show_default=True,
+              type=click.Choice(["reasoning_content", "reasoning", "both"]),
+              help="Where the OpenAI API puts the reasoning (clients differ: llama-server and DeepSeek use "
+                   "reasoning_content, vLLM and Ollama's /v1 reasoning).")
+@_verbose_option()
+@runtime_errors
+def serve_command(gguf_file: Path, host: str, port: int, api_keys: tuple[str, ...], api_key_file: Path | None,
+                  queue_size: int, max_body_bytes: int, gate_errors: bool, reasoning_field: str, verbose: bool,
+                  **options) -> None:
+    """Serve GGUF_FILE over HTTP with the gate: OpenAI's /v1/chat/completions, /v1/completions, /v1/models and
+    /v1/moderations, Ollama's /api/chat, /api/generate, /api/tags, /api/show, and /health, /metrics.
+
+    One request generates at a time; the others wait in a bounded queue. A GGUF without so8t.* heads needs
+    --no-gate.
+    """
+    verbose = _setup_logging(verbose)
+    policy = _gate_policy(options)
+    keys = [*api_keys, *(_read_key_file(api_key_file) if api_key_file is not None else [])]
+    for key in keys:
+        if not key or any(c.isspace() for c in key):
+            raise click.BadParameter("an API key is empty or holds white space", param_hint="'--api-key'")
+    if not keys and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"note: serving on {host} without --api-key: anyone who reaches port {port} can use the "
+                   "model", err=True)
+    try:
+        from .serve.app import run_server
+    except ImportError as err:
+        raise click.ClickException(f"the server cannot start: {err} (pip install -e . installs fastapi and "
+                                   "uvicorn)") from None
+    run_server(gguf_file, host=host, port=port, n_ctx=options["ctx_size"], n_threads=options["threads"],
+               policy=policy, api_keys=keys, max_queue=queue_size, max_body_bytes=max_body_bytes,
+               reasoning_field=reasoning_field, gate_errors=gate_errors, verbose=verbose)
 
 
 

@@ -53,6 +53,20 @@ _FIELD_TYPES: dict[str, tuple] = {
 }
 
 
+# The --quant choices (quants.OUTPUT_TYPES maps them to ggml types); here so that the command line can offer
+# them without importing the encoders (torch, numba).
+OUTPUT_TYPE_NAMES = ("f32", "f16", "bf16", "q8_0")
+
+# The classes of the two heads, in logit order (so8t.*_head.labels in the GGUF schema).
+HEAD_LABELS = {"safety": ("safe", "unsafe"), "authority": ("handle", "escalate")}
+
+
+def triality_types(count: int, triality_symmetry: bool) -> list[int]:
+    """Triality type of each of count heads (or layers): index % 3 (0 vector/task, 1 spinor+/safety,
+    2 spinor-/authority), or all 0 (vector) when the symmetry is off."""
+    return [i % 3 if triality_symmetry else 0 for i in range(count)]
+
+
 class ConfigError(ValueError):
     """A config.json that SO8T cannot represent; the message names the file and the key."""
 

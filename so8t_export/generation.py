@@ -7,8 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from .model import KVCache, SO8TTransformerForCausalLM
-
-THINK_END = "</think>"
+from .thinking import split_thinking  # noqa: F401 - part of this module's API since the first release
 
 
 def sample_next(logits: torch.Tensor, *, do_sample: bool, temperature: float, top_k: int, top_p: float,
@@ -67,15 +66,3 @@ def chat_prompt(tokenizer, messages: Sequence[dict], **template_kwargs) -> str:
     """The tokenizer's own chat template with the generation prompt (Thinking-2507 ends it in '<think>\\n')."""
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True,
                                          **template_kwargs)
-
-
-def split_thinking(text: str) -> tuple[str, str]:
-    """(reasoning, answer) of a Thinking-2507 completion.
-
-    The prompt already opens <think>, so a completion reads 'reasoning</think>answer'. Without '</think>' the
-    model is still thinking: everything is reasoning and the answer is empty.
-    """
-    if THINK_END not in text:
-        return text.removeprefix("<think>").strip(), ""
-    reasoning, answer = text.rsplit(THINK_END, 1)
-    return reasoning.removeprefix("<think>").strip(), answer.strip()

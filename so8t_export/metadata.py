@@ -14,13 +14,9 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import torch
 
-from .config import SO8TConfig
+from .config import HEAD_LABELS, SO8TConfig, triality_types
 from .gguf_file import MetadataError, Qwen3Hparams, array_value, finite, read_qwen3_hparams, scalar_value
-from .model import HEAD_LABELS
-from .rotation import head_types, layer_types
-from .triality import RotationError, validate_rotations
 
 SCHEMA_VERSION = 1
 PREFIX = "so8t."
@@ -29,12 +25,12 @@ SOURCE_HASH_KEY = "so8t.source.sha256"
 _V = gguf.GGUFValueType
 
 
-def _floats(t: torch.Tensor) -> list[float]:
-    return [float(v) for v in t.detach().to(torch.float32).flatten()]
+def _floats(t) -> list[float]:
+    return [float(v) for v in t.detach().float().flatten().tolist()]
 
 
-def so8t_entries(config: SO8TConfig, rotations: torch.Tensor, cross_head: torch.Tensor,
-                 heads: dict[str, torch.Tensor], fold_error: float, source_sha256: str) -> list[tuple]:
+def so8t_entries(config: SO8TConfig, rotations, cross_head, heads: dict, fold_error: float,
+                 source_sha256: str) -> list[tuple]:
     """(key, value, GGUFValueType, sub_type) for every so8t.* key, in schema order.
 
     heads maps 'safety_head.weight' / '.bias' and 'authority_head.weight' / '.bias' to tensors.
@@ -48,14 +44,14 @@ def so8t_entries(config: SO8TConfig, rotations: torch.Tensor, cross_head: torch.
     entries += [
         ("so8t.triality.rotations", _floats(rotations), _V.ARRAY, _V.FLOAT32),
         ("so8t.triality.q_head_types",
-         head_types(config.num_attention_heads, config.so8t_triality_symmetry).tolist(), _V.ARRAY, _V.INT32),
+         triality_types(config.num_attention_heads, config.so8t_triality_symmetry), _V.ARRAY, _V.INT32),
         ("so8t.triality.kv_head_types",
-         head_types(config.num_key_value_heads, config.so8t_triality_symmetry).tolist(), _V.ARRAY, _V.INT32),
+         triality_types(config.num_key_value_heads, config.so8t_triality_symmetry), _V.ARRAY, _V.INT32),
     ]
     if config.so8t_cross_head_interaction:
         entries.append(("so8t.cross_head.rotation", _floats(cross_head), _V.ARRAY, _V.FLOAT32))
     entries.append(("so8t.mlp.rotation_types",
-                    layer_types(config.num_hidden_layers, config.so8t_triality_symmetry).tolist(), _V.ARRAY,
+                    triality_types(config.num_hidden_layers, config.so8t_triality_symmetry), _V.ARRAY,
                     _V.INT32))
     for head, labels in HEAD_LABELS.items():
         entries += [
@@ -131,14 +127,16 @@ def has_so8t_metadata(reader: gguf.GGUFReader) -> bool:
 
 
 def read_so8t_metadata(reader: gguf.GGUFReader, path: str | Path = "GGUF",
-                       hparams: Qwen3Hparams | None = None) -> SO8TMetadata:
+                       hparams: Qwen3Hparams | None = None, *, check_rotations: bool = True) -> SO8TMetadata:
     """Parse and check the so8t.* keys against the schema and the qwen3.* shape.
 
     Raises MetadataError naming the file and the key on anything missing (a file with some so8t.* keys
     must have all of them), unknown, of the wrong type or length, non-finite, or inconsistent: head types
     other than the flags imply, labels other than the schema's, rotations that fail the triality check
     (triality.validate_rotations), a fold error that is NaN, negative or above FOLD_ERROR_LIMIT, a sha256 that
-    is not 64 hex digits. hparams (read_qwen3_hparams) is read if not given.
+    is not 64 hex digits. hparams (read_qwen3_hparams) is read if not given. check_rotations=False skips the
+    triality check (the runtime: the rotations are folded already, and the check needs torch, which the
+    runtime never imports).
     """
     if hparams is None:
         hparams = read_qwen3_hparams(reader, path)
@@ -183,7 +181,7 @@ def read_so8t_metadata(reader: gguf.GGUFReader, path: str | Path = "GGUF",
         outside = values[(values < 0) | (values > 2)]
         if outside.size:
             raise MetadataError(f"{path}: {key} holds {int(outside[0])}; expected triality types 0, 1 or 2")
-        expected = head_types(count, symmetry).numpy().astype(np.int32)
+        expected = np.asarray(triality_types(count, symmetry), dtype=np.int32)
         if not np.array_equal(values, expected):
             i = int(np.flatnonzero(values != expected)[0])
             rule = "index % 3" if symmetry else "0 everywhere"
@@ -205,13 +203,18 @@ def read_so8t_metadata(reader: gguf.GGUFReader, path: str | Path = "GGUF",
                             "= false; expected no cross-head rotation")
     else:
         cross = None
-    try:
-        validate_rotations(torch.from_numpy(np.ascontiguousarray(rotations)),
-                           None if cross is None else torch.from_numpy(np.ascontiguousarray(cross)),
-                           source=f"{path}: so8t.triality.rotations")
-    except RotationError as err:
-        message = str(err).replace("so8t.triality.rotations: cross_head", CROSS_HEAD_KEY + ":")
-        raise MetadataError(message) from None
+    if check_rotations:
+        import torch
+
+        from .triality import RotationError, validate_rotations
+
+        try:
+            validate_rotations(torch.from_numpy(np.ascontiguousarray(rotations)),
+                               None if cross is None else torch.from_numpy(np.ascontiguousarray(cross)),
+                               source=f"{path}: so8t.triality.rotations")
+        except RotationError as err:
+            message = str(err).replace("so8t.triality.rotations: cross_head", CROSS_HEAD_KEY + ":")
+            raise MetadataError(message) from None
     q_types = types("so8t.triality.q_head_types", hparams.head_count, "qwen3.attention.head_count", symmetry)
     kv_types = types("so8t.triality.kv_head_types", hparams.head_count_kv, "qwen3.attention.head_count_kv",
                      symmetry)
@@ -244,8 +247,9 @@ def read_so8t_metadata(reader: gguf.GGUFReader, path: str | Path = "GGUF",
 
 
 def read_optional_so8t_metadata(reader: gguf.GGUFReader, path: str | Path = "GGUF",
-                                hparams: Qwen3Hparams | None = None) -> SO8TMetadata | None:
+                                hparams: Qwen3Hparams | None = None, *,
+                                check_rotations: bool = True) -> SO8TMetadata | None:
     """None for a file without any so8t.* key (a stock qwen3 GGUF), else read_so8t_metadata."""
     if not has_so8t_metadata(reader):
         return None
-    return read_so8t_metadata(reader, path, hparams)
+    return read_so8t_metadata(reader, path, hparams, check_rotations=check_rotations)

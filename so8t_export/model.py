@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import triality
-from .config import SO8TConfig
+from .config import HEAD_LABELS, SO8TConfig  # noqa: F401 - HEAD_LABELS is part of this module's API
 from .rotation import RotationPlan, plan_rotations, rotate_blocks, rotate_heads
 
-HEAD_LABELS = {"safety": ("safe", "unsafe"), "authority": ("handle", "escalate")}
 
 
 class RMSNorm(nn.Module):

@@ -26,17 +26,15 @@ import numpy as np
 import torch
 from gguf.quants import QuantError as _GgufQuantError
 
+from .config import OUTPUT_TYPE_NAMES
+
 __all__ = ["FILE_TYPES", "OUTPUT_TYPES", "BlockFP8", "QuantError", "nonfinite_encoded", "quantize", "quantize_fp8",
            "quantized_nbytes", "resolve_qtype"]
 
 _T = gguf.GGMLQuantizationType
 
-OUTPUT_TYPES: dict[str, gguf.GGMLQuantizationType] = {
-    "f32": _T.F32,
-    "f16": _T.F16,
-    "bf16": _T.BF16,
-    "q8_0": _T.Q8_0,
-}
+OUTPUT_TYPES: dict[str, gguf.GGMLQuantizationType] = dict(zip(OUTPUT_TYPE_NAMES, (_T.F32, _T.F16, _T.BF16,
+                                                                                   _T.Q8_0), strict=True))
 
 # general.file_type that goes with each output type (convert_hf_to_gguf's --outtype map).
 FILE_TYPES: dict[str, gguf.LlamaFileType] = {

@@ -16,15 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import SO8TConfig
+from .config import SO8TConfig, triality_types
 
 BLOCK = 8
 
 
 def head_types(num_heads: int, triality_symmetry: bool) -> torch.Tensor:
-    """Triality type of each head: h % 3 (0 vector/task, 1 spinor+/safety, 2 spinor-/authority), or all 0."""
-    heads = torch.arange(num_heads)
-    return heads % 3 if triality_symmetry else torch.zeros_like(heads)
+    """Triality type of each head (config.triality_types), as a tensor."""
+    return torch.tensor(triality_types(num_heads, triality_symmetry), dtype=torch.long)
 
 
 def layer_types(num_layers: int, triality_symmetry: bool) -> torch.Tensor:

@@ -15,7 +15,9 @@ llama.cpp's log lines go through ``llama_log`` (quiet unless verbose; its errors
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,18 +101,23 @@ class SO8TRuntime:
     reader: gguf_path's metadata if the caller has read it already (``gguf_file.read_gguf_header``, or a
     ``gguf.GGUFReader`` from ``gguf_file.open_gguf``), so that it is not read twice. verbose: show
     llama.cpp's log lines (None keeps the process's current choice, see ``llama_log``; quiet by default).
-    n_batch: tokens per decode (default min(n_ctx, MAX_BATCH)).
+    n_batch: tokens per decode (default min(n_ctx, MAX_BATCH)). all_logits: keep every position's logits in
+    ``llm.scores`` (parity needs them; serving reads only the last output of each decode).
     """
 
     def __init__(self, gguf_path: str | Path, *, n_ctx: int | None = None, f32_kv_cache: bool = False,
                  n_threads: int | None = None, seed: int = 0,
                  reader: GGUFHeader | gguf.GGUFReader | None = None, verbose: bool | None = None,
-                 n_batch: int | None = None):
+                 n_batch: int | None = None, all_logits: bool = True):
         self.path = Path(gguf_path)
+        self._heads: tuple[np.ndarray, np.ndarray] | None = None
         if reader is None:
             reader = read_gguf_header(self.path)
         self.hparams: Qwen3Hparams = read_qwen3_hparams(reader, self.path)
-        self.metadata: SO8TMetadata | None = read_optional_so8t_metadata(reader, self.path, self.hparams)
+        # The rotations are folded into the tensors already and play no part at run time; their triality
+        # check needs torch, which the runtime never imports (so8t-export inspect checks them).
+        self.metadata: SO8TMetadata | None = read_optional_so8t_metadata(reader, self.path, self.hparams,
+                                                                         check_rotations=False)
         self.chat_template: str | None = scalar_value(reader, "tokenizer.chat_template", self.path,
                                                       (gguf.GGUFValueType.STRING,), required=False)
         templates = {key: scalar_value(reader, key, self.path, (gguf.GGUFValueType.STRING,))
@@ -133,7 +140,7 @@ class SO8TRuntime:
             try:
                 # Every position's logits (parity needs them) and hidden state (embeddings, pooling NONE).
                 self.llm = llama_cpp.Llama(str(self.path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                                           embedding=True, logits_all=True,
+                                           embedding=True, logits_all=all_logits,
                                            pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE, type_k=kv_type,
                                            type_v=kv_type, n_threads=n_threads, seed=seed,
                                            verbose=llama_log.is_verbose())
@@ -157,11 +164,13 @@ class SO8TRuntime:
         """(safety, authority) probabilities of hidden states [n, hidden]; (None, None) without so8t.* heads."""
         if self.metadata is None:
             return None, None
-        out = []
-        for head in ("safety", "authority"):
-            weight, bias, _ = self.metadata.heads[head]
-            out.append(softmax(hidden.astype(np.float64) @ weight.T.astype(np.float64) + bias))
-        return out[0], out[1]
+        if self._heads is None:  # both heads as one (4, hidden) matrix, in float64, made once
+            weights, biases, _ = zip(*(self.metadata.heads[head] for head in ("safety", "authority")))
+            self._heads = (np.concatenate(weights).astype(np.float64), np.concatenate(biases).astype(np.float64))
+        weight, bias = self._heads
+        logits = (np.asarray(hidden, dtype=np.float64) @ weight.T + bias).reshape(-1, 2, 2)
+        probabilities = softmax(logits)
+        return probabilities[:, 0], probabilities[:, 1]
 
     def _check_fits(self, n: int) -> None:
         if n == 0:
@@ -172,11 +181,19 @@ class SO8TRuntime:
                 f"raise it with --ctx-size (the model was trained on qwen3.context_length = "
                 f"{self.hparams.context_length})")
 
-    def _eval(self, tokens: list[int]) -> None:
+    def decode(self, tokens: list[int]) -> None:
+        """Decode tokens after the cache's contents (n_batch at a time); llama.cpp's errors as LlamaError."""
+        with self.decode_errors():
+            self.llm.eval(tokens)
+
+    @contextlib.contextmanager
+    def decode_errors(self):
+        """llama_decode's non-zero return (a RuntimeError from llama-cpp-python) as one LlamaError line,
+        with the reason llama.cpp logged."""
         with llama_log.collect_errors() as errors:
             try:
-                self.llm.eval(tokens)
-            except RuntimeError as err:  # llama_decode returned non-zero
+                yield
+            except RuntimeError as err:
                 reason = llama_log.summary(errors)
                 detail = f" ({reason})" if reason else ""
                 raise LlamaError(f"{self.path}: llama.cpp failed to decode: {err}{detail}") from None
@@ -190,7 +207,7 @@ class SO8TRuntime:
         hidden = []
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
-            self._eval(chunk)  # one decode: chunk fits n_batch
+            self.decode(chunk)  # one decode: chunk fits n_batch
             if all_hidden or start + self.n_batch >= len(tokens):
                 pointer = self._llama_cpp.llama_get_embeddings(self.llm._ctx.ctx)
                 rows = np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)),
@@ -212,14 +229,14 @@ class SO8TRuntime:
         stops at a stop token, after max_new_tokens, or when the context is full."""
         self._check_fits(len(tokens))
         self.llm.reset()
-        self._eval(list(tokens))
+        self.decode(list(tokens))
         out: list[int] = []
         for _ in range(max_new_tokens):
             nxt = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
             out.append(nxt)
             if nxt in stop or self.llm.n_tokens >= self.n_ctx:
                 break
-            self._eval([nxt])
+            self.decode([nxt])
         return out
 
     def complete(self, prompt: str, *, max_tokens: int = 128, temperature: float = 0.6, top_p: float = 0.95,
@@ -240,7 +257,7 @@ class SO8TRuntime:
         if limit > 0:
             # generate() finds the whole prompt cached with live logits and samples without decoding it again.
             stream = self.llm.generate(tokens, temp=temperature, top_p=top_p, top_k=top_k, reset=True)
-            with llama_log.collect_errors() as errors:
+            with self.decode_errors():
                 try:
                     for token in stream:
                         if token in eos:
@@ -250,10 +267,6 @@ class SO8TRuntime:
                         if len(generated) >= limit:  # stop before generate() decodes this token
                             reason = "length" if len(generated) >= max_tokens else "context"
                             break
-                except RuntimeError as err:
-                    extra = llama_log.summary(errors)
-                    raise LlamaError(f"{self.path}: llama.cpp failed to decode: {err}"
-                                     + (f" ({extra})" if extra else "")) from None
                 finally:
                     stream.close()
         return Completion(len(tokens), generated, self.detokenize(generated),
@@ -277,17 +290,32 @@ def _check_templates(path: Path, templates: dict[str, str]) -> None:
 
 def render_chat_prompt(runtime: SO8TRuntime, prompt: str, system: str | None = None) -> str:
     """The GGUF's own tokenizer.chat_template applied to one user turn (and a system prompt)."""
-    import jinja2
+    messages = [{"role": "system", "content": system}] if system else []
+    return render_messages(runtime, messages + [{"role": "user", "content": prompt}])
+
+
+@functools.lru_cache(maxsize=8)
+def _chat_formatter(template: str, add_generation_prompt: bool):
+    """Compiled once per template: a server renders every request with the same one."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    return Jinja2ChatFormatter(template, eos_token="<|im_end|>", bos_token="",
+                               add_generation_prompt=add_generation_prompt)
+
+
+def render_messages(runtime: SO8TRuntime, messages: list[dict], *, tools: list | None = None,
+                    add_generation_prompt: bool = True, **template_kwargs) -> str:
+    """The GGUF's own tokenizer.chat_template on a conversation, rendered as llama-cpp-python renders it
+    (jinja2 sandbox, raise_exception, strftime_now): Qwen3's template takes system, user, assistant (with
+    reasoning_content for earlier thinking) and tool messages, and tools."""
+    import jinja2
 
     if runtime.chat_template is None:
         raise MetadataError(f"{runtime.path}: metadata key tokenizer.chat_template is missing; use --raw to "
                             "send the prompt as is")
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": prompt})
     try:
-        formatter = Jinja2ChatFormatter(runtime.chat_template, eos_token="<|im_end|>", bos_token="")
-        return formatter(messages=messages).prompt
+        formatter = _chat_formatter(runtime.chat_template, add_generation_prompt)
+        return formatter(messages=messages, tools=tools, **template_kwargs).prompt
     except (jinja2.TemplateError, TypeError, ValueError) as err:  # raise_exception(), a bad filter argument
         raise MetadataError(f"{runtime.path}: tokenizer.chat_template does not render: "
                             f"{type(err).__name__}: {err}") from None
@@ -297,7 +325,7 @@ def chat(runtime: SO8TRuntime, prompt: str, *, system: str | None = None, raw: b
          max_tokens: int = 256, temperature: float = 0.6, seed: int = 0) -> dict:
     """One chat turn through the GGUF's own chat template; returns reasoning, answer and head scores
     (safety and authority are None for a GGUF without so8t.* heads)."""
-    from .generation import split_thinking
+    from .thinking import split_thinking
 
     if not raw:
         prompt = render_chat_prompt(runtime, prompt, system)

@@ -459,7 +459,9 @@ def test_runtime_refuses_hparams_llama_cpp_aborts_on(variants, name, fragments):
                             variants[name], *fragments)
 
 
-@pytest.mark.parametrize("name", ["kv-heads-3", "arch-llama", "missing-bias", "labels-wrong", "rotations-not-orthogonal"])
+# (rotations-not-orthogonal is not among them: the runtime serves the folded tensors and leaves the triality
+# check, which needs torch, to inspect and parity)
+@pytest.mark.parametrize("name", ["kv-heads-3", "arch-llama", "missing-bias", "labels-wrong"])
 def test_runtime_refuses_other_bad_metadata(variants, name):
     require_llama_cpp()
     fragments = {n: f for n, _, f in SO8T_VARIANTS + QWEN3_VARIANTS}[name]
@@ -520,10 +522,12 @@ def test_stock_qwen3_runtime_generates_without_scores(stock):
     result = cli(runtime_main, [stock, "Is it safe?", "--max-tokens", "4", "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
-    assert payload["safety"] is None and payload["authority"] is None and payload["tokens"] == 4
+    scores = payload["so8t"]
+    assert scores["safety"] is None and scores["authority"] is None and payload["tokens"] == 4
     assert "has no so8t.* metadata (no SO8T heads)" in result.stderr
     text = cli(runtime_main, [stock, "Is it safe?", "--max-tokens", "2"])
-    assert text.exit_code == 0 and "safety" not in text.stdout and "completion:" in text.stdout
+    assert text.exit_code == 0 and "unsafe" not in text.output
+    assert text.stderr.splitlines()[-1].startswith("so8t: no so8t.* heads, gate off; 2 tokens")
 
 
 def test_stock_qwen3_parity_compares_logits_and_skips_heads(stock, so8t_dir, prompts_file):
@@ -567,7 +571,7 @@ def test_llama_cpp_load_errors_carry_llama_cpp_s_reason(exported, tmp_path):
 def test_generation_stops_at_the_context_end(exported):
     require_llama_cpp()
     result = cli(runtime_main, [exported, "hello", "--ctx-size", "40", "--max-tokens", "500", "--json",
-                                "--temperature", "0"])
+                                "--temperature", "0", "--no-gate"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     # before: a fixed n_ctx and `llama_decode returned 1` once the cache was full
@@ -617,7 +621,8 @@ def test_runtime_is_quiet_by_default_and_verbose_on_request(exported):
     require_llama_cpp()
     quiet = run_cli("runtime_main", [exported, "hello", "--max-tokens", "2"])
     assert quiet.returncode == 0, quiet.stderr
-    assert quiet.stderr == "", quiet.stderr  # e.g. no "llama_init_from_model: model default pooling_type ..."
+    # our gate line only, e.g. no "llama_init_from_model: model default pooling_type ..."
+    assert len(quiet.stderr.splitlines()) == 1 and quiet.stderr.startswith("so8t: "), quiet.stderr
     loud = run_cli("runtime_main", [exported, "hello", "--max-tokens", "2", "--verbose"])
     assert loud.returncode == 0 and "llama_model_loader" in loud.stderr and "pooling_type" in loud.stderr
 

@@ -4,7 +4,6 @@ private until done, failed exports stop their threads, and library calls leave p
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal

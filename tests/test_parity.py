@@ -101,12 +101,14 @@ def test_runtime_cli_chats_and_scores(exports):
 
     from so8t_export.cli import runtime_main
 
-    result = CliRunner().invoke(runtime_main, [str(exports["f32"]), "Is it safe to mix bleach and ammonia?",
-                                               "--max-tokens", "8", "--json"])
+    result = CliRunner().invoke(runtime_main, ["run", str(exports["f32"]), "Is it safe to mix bleach and ammonia?",
+                                               "--max-tokens", "8", "--refuse-above", "off", "--stop-above", "off",
+                                               "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)  # llama.cpp logs to stderr
-    assert set(payload["safety"]) == {"safe", "unsafe"} and set(payload["authority"]) == {"handle", "escalate"}
-    assert abs(sum(payload["safety"].values()) - 1) < 1e-3 and payload["tokens"] == 8
+    scores = payload["so8t"]
+    assert set(scores["safety"]) == {"safe", "unsafe"} and set(scores["authority"]) == {"handle", "escalate"}
+    assert abs(sum(scores["safety"].values()) - 1) < 1e-3 and payload["tokens"] == 8
 
 
 def test_ollama_command_writes_gguf_modelfile_and_create_line(so8t_dir, tmp_path):
