@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .io import write_bytes_atomic
+
 MODEL_TYPE = "so8t"
 ARCHITECTURE = "SO8TTransformerForCausalLM"
 QWEN3_ARCHITECTURE = "Qwen3ForCausalLM"
@@ -246,8 +248,6 @@ class SO8TConfig:
         return dataclasses.asdict(self)
 
     def save_pretrained(self, model_dir: str | Path) -> None:
-        from .io import write_bytes_atomic
-
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
         write_bytes_atomic(Path(model_dir) / "config.json", text.encode())
 

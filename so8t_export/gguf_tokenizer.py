@@ -77,7 +77,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> 
     tokenizer = read_json(tok_path, "tokenizer.json", TokenizerError)
     _check_qwen2_bpe(tok_path, tokenizer)
     tokens, toktypes = _token_list(tok_path, tokenizer, vocab_size)
-    _check_special_vocab_inputs(model_dir, tokenizer)
+    tokenizer_config = _check_special_vocab_inputs(model_dir, tokenizer)
 
     special = gguf.SpecialVocab(model_dir, load_merges=True)
     if not special.merges:
@@ -91,7 +91,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> 
         if tid >= vocab_size:
             raise TokenizerError(f"{model_dir}: special token {typ} has id {tid}; expected an id below vocab_size "
                                  f"{vocab_size} (tokenizer_config.json '{typ}_token' / config.json '{typ}_token_id')")
-    decided = _post_processor_flags(tok_path, tokenizer, model_dir)
+    decided = _post_processor_flags(tok_path, tokenizer, model_dir, tokenizer_config)
     flags = {**decided, **{typ: value for typ, value in special.add_special_token.items() if typ not in decided}}
     # Only bos/eos/sep have GGUFWriter handlers (SpecialVocab would skip the others with a warning).
     special.add_special_token = {typ: value for typ, value in flags.items() if typ in ("bos", "eos", "sep")}
@@ -106,8 +106,10 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> 
     special.add_to_gguf(writer, quiet=True)
 
 
-def _check_special_vocab_inputs(model_dir: Path, tokenizer: dict) -> None:
-    """The shapes SpecialVocab assumes without checking, so that it never raises from inside gguf-py."""
+def _check_special_vocab_inputs(model_dir: Path, tokenizer: dict) -> dict:
+    """The shapes SpecialVocab assumes without checking, so that it never raises from inside gguf-py.
+    Returns tokenizer_config.json ({} when the folder has none)."""
+    tokenizer_config: dict = {}
     for name in ("tokenizer_config.json", "chat_template.json", "config.json"):
         path = model_dir / name
         if path.exists():
@@ -118,6 +120,7 @@ def _check_special_vocab_inputs(model_dir: Path, tokenizer: dict) -> None:
                 raise TokenizerError(f"{path}: key 'text_config': expected an object, found {_describe(data['text_config'])}")
             if name == "tokenizer_config.json":
                 _check_tokenizer_config(path, data)
+                tokenizer_config = data
     texts = [model_dir / "chat_template.jinja", model_dir / "merges.txt"]
     texts += sorted((model_dir / "additional_chat_templates").glob("*.jinja"))
     for path in texts:
@@ -131,11 +134,12 @@ def _check_special_vocab_inputs(model_dir: Path, tokenizer: dict) -> None:
                 raise TokenizerError(f"{path}: not UTF-8 text ({err})") from None
     post = tokenizer.get("post_processor")
     if post is None:
-        return
+        return tokenizer_config
     processors = post.get("processors", [post]) if isinstance(post, dict) else None
     if not isinstance(processors, list) or not all(isinstance(p, dict) for p in processors):
         raise TokenizerError(f"{model_dir / 'tokenizer.json'}: key 'post_processor': expected a processor object "
                              f"or a Sequence of them, found {_describe(post)}")
+    return tokenizer_config
 
 
 def _check_tokenizer_config(path: Path, config: dict) -> None:
@@ -206,7 +210,7 @@ def _post_processor_adds(path: Path, tokenizer: dict) -> tuple[list[int], list[i
     return before, after
 
 
-def _post_processor_flags(path: Path, tokenizer: dict, model_dir: Path) -> dict[str, bool]:
+def _post_processor_flags(path: Path, tokenizer: dict, model_dir: Path, config: dict) -> dict[str, bool]:
     """add_bos/add_eos as the converter of the llama.cpp we pin reads them off the post-processor.
 
     Its gguf-py (vendored at 0c1e57098) is newer than PyPI's gguf 0.19.0 in two rules, and its converter is our
@@ -217,7 +221,6 @@ def _post_processor_flags(path: Path, tokenizer: dict, model_dir: Path) -> dict[
     post = tokenizer.get("post_processor")
     flags: dict[str, bool] = {}
     config_path = model_dir / "tokenizer_config.json"
-    config = read_json(config_path, "tokenizer_config.json", TokenizerError) if config_path.exists() else {}
     for processor in (post.get("processors", [post]) if isinstance(post, dict) else []):
         if processor.get("type") == "ByteLevel":
             flags.setdefault("bos", False)

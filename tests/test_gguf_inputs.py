@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import require_llama_cpp
+from fuzz.mutate import gguf_rewrite
 
 from so8t_export.cli import main, runtime_main
 from so8t_export.export import export_gguf
@@ -28,36 +29,19 @@ from so8t_export.gguf_file import MetadataError, open_gguf, read_gguf_header, re
 from so8t_export.metadata import FOLD_ERROR_LIMIT, read_so8t_metadata
 
 V = gguf.GGUFValueType
-DROP = object()
 SUBPROCESS_TIMEOUT = 120  # seconds; a FIFO or a corrupted count must fail long before this
+
+
+DROP = object()
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 def rewrite_gguf(src, dst, changes=None):
     """Copy src to dst with metadata changes: key -> DROP, or (value, type[, sub_type]); new keys go last."""
     changes = dict(changes or {})
-    reader = gguf.GGUFReader(src)
-    writer = gguf.GGUFWriter(dst, arch=reader.get_field("general.architecture").contents())
-    writer.kv_data = [{}]  # general.architecture is copied below, in file order
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        if key in changes:
-            change = changes.pop(key)
-            if change is not DROP:
-                writer.add_key_value(key, change[0], change[1], sub_type=change[2] if len(change) > 2 else None)
-            continue
-        sub_type = field.types[-1] if field.types[0] == V.ARRAY else None
-        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
-    for key, change in changes.items():
-        if change is not DROP:
-            writer.add_key_value(key, change[0], change[1], sub_type=change[2] if len(change) > 2 else None)
-    for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    gguf_rewrite(src, dst, drop=lambda key: changes.get(key) is DROP,
+                 replace={key: (c[0], c[1], c[2] if len(c) > 2 else None) for key, c in changes.items()
+                          if c is not DROP})
     return dst
 
 

@@ -81,22 +81,9 @@ def _set_head(head, w: np.ndarray, b: float) -> None:
 
 def _strip_so8t(src: Path, dst: Path) -> Path:
     """src rewritten with gguf-py without any so8t.* key: what llama.cpp's converter writes."""
-    import gguf
+    from fuzz.mutate import gguf_rewrite
 
-    reader = gguf.GGUFReader(src)
-    writer = gguf.GGUFWriter(dst, arch=reader.get_field("general.architecture").contents())
-    writer.kv_data = [{}]  # general.architecture is copied below, in file order
-    for key, value in reader.fields.items():
-        if key.startswith(("GGUF.", "so8t.")):
-            continue
-        sub_type = value.types[-1] if value.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, value.contents(), value.types[0], sub_type=sub_type)
-    for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    gguf_rewrite(src, dst, drop=lambda key: key.startswith("so8t."))
     return dst
 
 

@@ -52,6 +52,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from ..gguf_file import MetadataError
 from ..runtime import LlamaError, PromptTooLongError
 from .engine import ContextExceededError, Engine, SamplingParams
 from .gate import GatedRun, GatePolicy, RunResult
@@ -257,6 +258,16 @@ class Job:
             if kind in kinds or kind == "error":
                 return kind, payload
 
+    async def outcome(self, kind: str, request: Request, ended_early: str) -> Any:
+        """The payload of the first ``kind`` event; the worker's error as an APIError, and a job that ended
+        ("done") without one as a 500 saying ended_early."""
+        got, payload = await self.wait_for({kind, "done"}, request)
+        if got == "error":
+            raise engine_error(payload)
+        if got == "done":
+            raise APIError(500, ended_early)
+        return payload
+
 
 async def _until_disconnect(request: Request) -> None:
     """Returns when the client has gone (the body has been read already, so receive() waits for that)."""
@@ -356,9 +367,11 @@ class Generation:
     def refused(self) -> bool:
         return self.start.so8t.get("decision") == "refuse"
 
-    def headers(self) -> dict[str, str]:
+    def headers(self, result: RunResult | None = None) -> dict[str, str]:
+        """The escalate flag, and no-retry on a gate decision: a refused prompt, or (given the finished
+        result) an output the gate stopped."""
         headers = {ESCALATE_HEADER: "true" if self.start.escalate else "false"}
-        if self.refused:
+        if self.refused or (result is not None and result.finish_reason == "content_filter"):
             headers.update(NO_RETRY)
         return headers
 
@@ -388,13 +401,22 @@ class Generation:
 
     async def result(self, request: Request) -> RunResult:
         """The finished result (non-streaming); a disconnect cancels the generation and raises ClientGone."""
-        kind, payload = await self.job.wait_for({"end", "done"}, request)
-        self.finished = True
-        if kind == "error":
-            raise engine_error(payload)
-        if kind == "done":
-            raise APIError(500, "the generation ended without a result")
-        return payload
+        try:
+            return await self.job.outcome("end", request, "the generation ended without a result")
+        finally:
+            self.finished = True
+
+
+def render_chat(engine: Engine, messages: list[dict], *, without_template: str, tools: list | None = None,
+                **template_kwargs) -> str:
+    """The GGUF's chat template on a request's messages: 501 (no retry) when the file has none, saying what to
+    use instead; a template that fails on these messages is the request's fault, 400."""
+    if engine.chat_template is None:
+        raise APIError(501, f"the GGUF has no tokenizer.chat_template: {without_template}", headers=NO_RETRY)
+    try:
+        return engine.render(messages, tools=tools, **template_kwargs)
+    except MetadataError as err:
+        raise APIError(400, str(err).split(": ", 1)[-1]) from None
 
 
 class ServerState:
@@ -492,22 +514,13 @@ class ServerState:
             job.emit("end", run.result)
 
         job = self.submit(work, want_deltas=stream)
-        kind, payload = await job.wait_for({"start", "done"}, request)
-        if kind == "error":
-            raise engine_error(payload)
-        if kind == "done":
-            raise APIError(500, "the generation ended before it started")
-        return Generation(job, payload, received)
+        start = await job.outcome("start", request, "the generation ended before it started")
+        return Generation(job, start, received)
 
     async def score(self, request: Request, texts: list[str]) -> list:
         """Head probabilities of each text at its last token (no generation), through the worker."""
         job = self.submit(lambda engine, job: job.emit("end", engine.score_texts(texts)), want_deltas=False)
-        kind, payload = await job.wait_for({"end", "done"}, request)
-        if kind == "error":
-            raise engine_error(payload)
-        if kind == "done":
-            raise APIError(500, "scoring ended without a result")
-        return payload
+        return await job.outcome("end", request, "scoring ended without a result")
 
 
 # ================================================================================================ middleware

@@ -25,8 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..gguf_file import MetadataError
-from .app import NO_RETRY, APIError, Generation, engine_error, get_state, parse_body
+from .app import NO_RETRY, APIError, Generation, engine_error, get_state, parse_body, render_chat
 from .engine import SamplingParams
 from .gate import RunResult
 
@@ -157,13 +156,6 @@ def done_fields(gen: Generation, result: RunResult) -> dict:
             "so8t": result.so8t}
 
 
-def headers(gen: Generation, result: RunResult | None = None) -> dict[str, str]:
-    out = gen.headers()
-    if result is not None and result.finish_reason == "content_filter":
-        out.update(NO_RETRY)
-    return out
-
-
 def refusal_error(gen: Generation) -> APIError:
     gen.job.cancel.set()
     so8t = gen.start.so8t
@@ -201,7 +193,7 @@ async def _respond(request: Request, body: _Generate, prompt: str, *, chat: bool
         result = await gen.result(request)
         reasoning = result.reasoning if think and result.reasoning else None
         return JSONResponse({"model": model, "created_at": now(), **piece(result.content, reasoning),
-                             **done_fields(gen, result)}, headers=headers(gen, result))
+                             **done_fields(gen, result)}, headers=gen.headers(result))
 
     async def lines():
         try:
@@ -220,7 +212,7 @@ async def _respond(request: Request, body: _Generate, prompt: str, *, chat: bool
         finally:
             gen.abandon()
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers(gen))
+    return StreamingResponse(lines(), media_type="application/x-ndjson", headers=gen.headers())
 
 
 # ================================================================================================ routes
@@ -233,14 +225,9 @@ async def chat(request: Request):
     if not body.messages:  # Ollama: an empty chat loads the model and answers done_reason "load"
         return {"model": body.model or tag(state.model_name), "created_at": now(),
                 "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"}
-    if engine.chat_template is None:
-        raise APIError(501, "the GGUF has no tokenizer.chat_template: use /api/generate with raw: true",
-                       headers=NO_RETRY)
     messages = [m.template_dict(i) for i, m in enumerate(body.messages)]
-    try:
-        prompt = engine.render(messages, tools=body.tools or None)
-    except MetadataError as err:
-        raise APIError(400, str(err).split(": ", 1)[-1]) from None
+    prompt = render_chat(engine, messages, without_template="use /api/generate with raw: true",
+                         tools=body.tools or None)
     return await _respond(request, body, prompt, chat=True)
 
 
@@ -260,10 +247,7 @@ async def generate(request: Request):
     else:
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
                    [{"role": "user", "content": body.prompt}]
-        try:
-            prompt = engine.render(messages)
-        except MetadataError as err:
-            raise APIError(400, str(err).split(": ", 1)[-1]) from None
+        prompt = render_chat(engine, messages, without_template="send raw: true")
     return await _respond(request, body, prompt, chat=False)
 
 

@@ -32,8 +32,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 
-from ..gguf_file import MetadataError
-from .app import NO_RETRY, APIError, Generation, engine_error, get_state, parse_body, sse_json
+from .app import NO_RETRY, APIError, Generation, engine_error, get_state, parse_body, render_chat, sse_json
 from .engine import SamplingParams
 from .gate import RunResult
 
@@ -253,13 +252,6 @@ def finish_reason(result: RunResult) -> str:
     return FINISH_REASONS.get(result.finish_reason, result.finish_reason)
 
 
-def response_headers(gen: Generation, result: RunResult | None = None) -> dict[str, str]:
-    headers = gen.headers()
-    if result is not None and result.finish_reason == "content_filter":
-        headers.update(NO_RETRY)
-    return headers
-
-
 def refusal_error(gen: Generation) -> APIError:
     """gate_errors: the input gate's refusal as Azure OpenAI answers a filtered prompt (400, code
     content_filter, param prompt)."""
@@ -288,16 +280,11 @@ async def chat_completions(request: Request):
     body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
     body.check_supported()
     engine = state.engine
-    if engine.chat_template is None:
-        raise APIError(501, "the GGUF has no tokenizer.chat_template: use /v1/completions with a raw prompt",
-                       headers=NO_RETRY)
     messages = [m.template_dict(i) for i, m in enumerate(body.messages)]
     kwargs = {k: v for k, v in (body.chat_template_kwargs or {}).items() if k not in RESERVED_TEMPLATE_KWARGS}
     tools = body.tools if body.tools and body.tool_choice != "none" else None
-    try:
-        prompt = engine.render(messages, tools=tools, **kwargs)
-    except MetadataError as err:
-        raise APIError(400, str(err).split(": ", 1)[-1]) from None
+    prompt = render_chat(engine, messages, without_template="use /v1/completions with a raw prompt", tools=tools,
+                         **kwargs)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = body.sampling(engine.n_ctx, max_tokens)
     gen = await state.generate(request, prompt, params, split_thinking=body.reasoning_format != "none",
@@ -313,7 +300,7 @@ async def chat_completions(request: Request):
         return JSONResponse({**reply.base, "choices": [{"index": 0, "message": message, "logprobs": None,
                                                         "finish_reason": finish_reason(result)}],
                              "usage": usage(result), "timings": timings(result), "so8t": result.so8t},
-                            headers=response_headers(gen, result))
+                            headers=gen.headers(result))
     base = {**reply.base, "object": "chat.completion.chunk"}
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
@@ -339,7 +326,7 @@ async def chat_completions(request: Request):
         finally:
             gen.abandon()  # a client that left stops the generation at its next token
 
-    return event_stream(events(), response_headers(gen))
+    return event_stream(events(), gen.headers())
 
 
 @router.post("/v1/completions")
@@ -359,7 +346,7 @@ async def completions(request: Request):
         return JSONResponse({**reply.base, "choices": [{"index": 0, "text": result.content, "logprobs": None,
                                                         "finish_reason": finish_reason(result)}],
                              "usage": usage(result), "timings": timings(result), "so8t": result.so8t},
-                            headers=response_headers(gen, result))
+                            headers=gen.headers(result))
 
     def chunk(text: str, finish: str | None = None, **extra) -> str:
         return sse_json({**reply.base, "choices": [{"index": 0, "text": text, "logprobs": None,
@@ -380,7 +367,7 @@ async def completions(request: Request):
         finally:
             gen.abandon()
 
-    return event_stream(events(), response_headers(gen))
+    return event_stream(events(), gen.headers())
 
 
 def model_card(request: Request) -> dict:
@@ -419,12 +406,9 @@ async def moderations(request: Request):
     if not engine.has_heads:
         raise APIError(501, "the GGUF has no so8t.* heads: /v1/moderations needs the safety head",
                        headers=NO_RETRY)
-    prompts = []
-    for text in texts:
-        try:  # scored as the input gate scores a one-turn chat holding it
-            prompts.append(engine.render([{"role": "user", "content": text}]) if engine.chat_template else text)
-        except MetadataError as err:
-            raise APIError(400, str(err).split(": ", 1)[-1]) from None
+    # scored as the input gate scores a one-turn chat holding it
+    prompts = [render_chat(engine, [{"role": "user", "content": text}], without_template="")
+               if engine.chat_template else text for text in texts]
     scores = await state.score(request, prompts)
     threshold = state.policy.refuse_above if state.policy.refuse_above is not None else 0.5
     labels = engine.runtime.metadata.heads
