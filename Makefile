@@ -1,12 +1,27 @@
 # The README's two commands: `make demo` (main job on the built-in demo model) and `make test`.
 PYTHON ?= python3
 
+# llama-cpp-python is built from source, once, into a folder keyed by its version and build flags (pip's own
+# wheel cache is keyed by the sdist alone, so it would hand back a build made with other flags). The flags keep
+# ggml's AMX kernels out: built with -march=native on a CPU that has AMX (Sapphire Rapids and later), ggml
+# 0c1e57098 picks its AMX buffer for q8_0 weights and segfaults in ggml_backend_amx_mul_mat's ldtilecfg on the
+# first decode (upstream llama.cpp issue 20824, fix proposed in pull request 26954); every other native
+# kernel (AVX-512, VNNI, BF16) stays.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_CFLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CPP_WHEELS := $(HOME)/.cache/so8t-export/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-no-amx
+
 .PHONY: install demo test
 
 # torch first, pinned: pip then takes the CPU build on this machine's disk, and no dependency can pull a CUDA
-# torch. llama-cpp-python builds from source once (~10 min on 2 cores); pip's wheel cache keeps the build.
+# torch. The llama-cpp-python build takes ~8 min on 2 cores the first time; the folder above keeps it.
 install:
 	$(PYTHON) -m pip install -q torch==2.13.0
+	@ls $(LLAMA_CPP_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS='-DCMAKE_C_FLAGS="$(LLAMA_CPP_CFLAGS)" -DCMAKE_CXX_FLAGS="$(LLAMA_CPP_CFLAGS)"' \
+		$(PYTHON) -m pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
+			llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(LLAMA_CPP_WHEELS)
+	$(PYTHON) -m pip install -q --no-deps --force-reinstall $(LLAMA_CPP_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	$(PYTHON) -m pip install -q -e .
 	@command -v go >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq golang-go >/dev/null; }
 

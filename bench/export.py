@@ -108,14 +108,17 @@ def run_measured(argv: list[str], env=None) -> dict:
             "output": b"".join(out_chunks).decode(errors="replace")}
 
 
-def ours_cmd(src: Path, quant: str, out: Path) -> list[str]:
-    # so8t-export gguf SRC --quant Q -o OUT: the console script pip installed beside this interpreter (not a
-    # version-manager shim found on PATH, which adds its own start-up), via python -c when not installed.
+def so8t_export_cmd(*args: str) -> list[str]:
+    # The console script pip installed beside this interpreter (not a version-manager shim found on PATH,
+    # which adds its own start-up), via python -c when not installed.
     exe = Path(sys.executable).parent / "so8t-export"
     if exe.is_file():
-        return [str(exe), "gguf", str(src), "--quant", quant, "-o", str(out)]
-    return [sys.executable, "-c", "from so8t_export.cli import main; main()", "gguf", str(src), "--quant", quant,
-            "-o", str(out)]
+        return [str(exe), *args]
+    return [sys.executable, "-c", "from so8t_export.cli import main; main()", *args]
+
+
+def ours_cmd(src: Path, quant: str, out: Path) -> list[str]:
+    return so8t_export_cmd("gguf", str(src), "--quant", quant, "-o", str(out))
 
 
 def converter_cmd(llama_dir: Path, src: Path, quant: str, out: Path) -> list[str]:

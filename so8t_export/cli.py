@@ -29,6 +29,20 @@ def user_errors(command):
     return wrapper
 
 
+@contextlib.contextmanager
+def quiet_warnings(verbose: bool | None = None):
+    """transformers also warns through the warnings module (FutureWarning, ...): hidden unless verbose (None:
+    the group's --verbose)."""
+    import warnings
+
+    if verbose is None:
+        verbose = bool(click.get_current_context().find_root().params.get("verbose"))
+    with warnings.catch_warnings():
+        if not verbose:
+            warnings.filterwarnings("ignore", module=r"(transformers|huggingface_hub)(\.|$)")
+        yield
+
+
 def exit_cleanly_on_termination() -> None:
     """SIGTERM and SIGHUP end the command the way Ctrl-C does: as an exception in the main thread, so that
     every `finally` runs and no multi-GB temporary file is left behind. The CLI owns the process; library
@@ -115,8 +129,6 @@ def parity_command(model_dir: Path, gguf_file: Path, prompts: Path | None, greed
     and the safety/authority probability differences; exits 1 when the file type's thresholds fail. A stock
     qwen3 GGUF (no so8t.* heads) is compared on its logits; the head columns are skipped.
     """
-    import warnings
-
     from .logs import configure_logging, quiet_llama_cpp
     from .runtime import LlamaError
 
@@ -124,9 +136,7 @@ def parity_command(model_dir: Path, gguf_file: Path, prompts: Path | None, greed
     verbose = verbose or bool(click.get_current_context().find_root().params.get("verbose"))
     configure_logging(verbose)
     quiet_llama_cpp(verbose)
-    with warnings.catch_warnings():
-        if not verbose:  # transformers also warns through the warnings module (FutureWarning, ...)
-            warnings.filterwarnings("ignore", module=r"(transformers|huggingface_hub)(\.|$)")
+    with quiet_warnings(verbose):
         from .parity import read_prompts, run_parity
 
         try:
@@ -170,12 +180,14 @@ def runtime_errors(command):
 
 
 class _Threshold(click.ParamType):
-    """A probability in [0, 1], or off (that stage of the gate off)."""
+    """A probability in [0, 1], off (that stage of the gate off) or file (the GGUF's calibrated threshold)."""
 
-    name = "P|off"
+    name = "P|off|file"
 
     def convert(self, value, param, ctx):
-        if value is None or isinstance(value, float):
+        from .serve.gate import FROM_FILE
+
+        if value is None or isinstance(value, float) or value == FROM_FILE:
             return value
         from .terminal import parse_threshold
 
@@ -275,12 +287,14 @@ def _gate_options():
     return _options(
         click.option("--refuse-above", default=d.refuse_above, show_default=True, type=_Threshold(),
                      help="Input gate: refuse a prompt whose P(unsafe) at its last token is at least this "
-                          "('off': never)."),
+                          "('off': never; 'file': the GGUF's so8t.safety_head.threshold, 0.5 without one)."),
         click.option("--escalate-above", default=d.escalate_above, show_default=True, type=_Threshold(),
-                     help="Flag a prompt whose P(escalate) is at least this ('off': never)."),
+                     help="Flag a prompt whose P(escalate) is at least this ('off': never; 'file': the "
+                          "GGUF's so8t.authority_head.threshold)."),
         click.option("--stop-above", default=d.stop_above, show_default=True, type=_Threshold(),
                      help="Output gate: stop the stream at the first generated token (reasoning included) "
-                          "whose P(unsafe) is at least this ('off': never)."),
+                          "whose P(unsafe) is at least this ('off': never; 'file': the GGUF's "
+                          "so8t.safety_head.threshold)."),
         click.option("--score-every", default=d.score_every, show_default=True, type=click.IntRange(min=1),
                      help="Score every N-th generated token (text waits until the next scored token)."),
         click.option("--no-gate", is_flag=True, help="Every stage off (head scores are still reported)."),
@@ -330,7 +344,7 @@ def _load_engine(gguf_file: Path, options: dict):
         click.echo(f"note: {gguf_file} has no so8t.* metadata (no SO8T heads): generating without the "
                    "safety gate and scores", err=True)
         policy = dataclasses.replace(GatePolicy.off(), refusal=policy.refusal)
-    return engine, policy
+    return engine, policy.resolved(engine.runtime.metadata)
 
 
 class _RuntimeGroup(click.Group):
@@ -668,6 +682,139 @@ def ollama_command(model_dir: Path, quant: str, name: str, output_dir: Path, sys
         raise
     click.echo(f"wrote {modelfile}")
     click.echo(_modelfile.ollama_create_command(modelfile, name))
+
+
+# ----------------------------------------------------------------------------------------------- heads
+# train-heads, eval-heads and set-heads: so8t_export/heads.
+
+def _progress(label: str):
+    """A progress bar on stderr for a library function's progress(done, total) callback."""
+    import sys
+
+    bar = click.progressbar(length=1, label=label, file=sys.stderr, show_eta=True, show_pos=True)
+
+    def update(done: int, total: int) -> None:
+        bar.length = total
+        bar.update(done - bar.pos)
+    return bar, update
+
+
+
+
+_PLOT_FORMATS = ("png", "svg", "pdf")
+
+
+@main.command("train-heads")
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Training examples, JSONL (README: 'Training the heads').")
+@click.option("--eval", "eval_data", type=click.Path(dir_okay=False, path_type=Path),
+              help="Evaluation examples. Default: a held-out split of --data.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the SO8T checkpoint with the new heads (new, or an SO8T checkpoint).")
+@click.option("--gguf", type=click.Path(dir_okay=False, path_type=Path),
+              help="Take the features from llama.cpp running this export of MODEL_DIR instead of the "
+                   "PyTorch reference: the heads then fit what the deployed (quantised) file computes.")
+@click.option("--target-fpr", type=click.FloatRange(0, 1), default=None,
+              help="Save, as each head's default threshold, the lowest one whose false-positive rate on the "
+                   "evaluation set is at most this. Default: 0.5.")
+@click.option("--l2", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="L2 regularisation strength on standardised features (scikit-learn's C = 1 / l2).")
+@click.option("--balanced", is_flag=True, help="Weight the classes inversely to their frequency.")
+@click.option("--holdout", default=0.2, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Fraction of --data held out for the metrics when --eval is not given.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the held-out split.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Examples per forward pass of the PyTorch reference.")
+@click.option("--ctx-size", type=click.IntRange(min=1), default=None, help="llama.cpp context (--gguf).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="llama.cpp threads (--gguf).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@user_errors
+def train_heads_command(model_dir: Path, data: Path, eval_data: Path | None, output: Path, gguf: Path | None,
+                        target_fpr: float | None, l2: float, balanced: bool, holdout: float, seed: int,
+                        batch_size: int, ctx_size: int | None, threads: int | None, as_json: bool) -> None:
+    """Fit the safety and authority heads of MODEL_DIR on labelled examples; write the model with the new
+    heads (base weights untouched) and the metrics on the evaluation set."""
+    from .heads.train import train_heads
+    from .runtime import LlamaError
+
+    bar, progress = _progress("features")
+    with quiet_warnings(), bar:
+        try:
+            report = train_heads(model_dir, data, output, eval_data=eval_data, gguf=gguf, l2=l2,
+                                 balanced=balanced, target_fpr=target_fpr, holdout=holdout, seed=seed,
+                                 batch_size=batch_size, n_ctx=ctx_size, n_threads=threads, progress=progress)
+        except LlamaError as err:
+            raise click.ClickException(str(err)) from None
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
+
+
+@main.command("eval-heads")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Labelled examples, JSONL.")
+@click.option("--threshold", "thresholds", multiple=True, metavar="HEAD=P",
+              help="Measure at this threshold instead of the stored one (e.g. safety=0.3); repeatable.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a ROC curve and a reliability diagram per head (.png, .svg or .pdf).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--ctx-size", type=click.IntRange(min=1), default=None, help="llama.cpp context (a GGUF).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="llama.cpp threads (a GGUF).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@user_errors
+def eval_heads_command(source: Path, data: Path, thresholds: tuple[str, ...], plot: Path | None,
+                       batch_size: int, ctx_size: int | None, threads: int | None, as_json: bool) -> None:
+    """Measure the heads of SOURCE (an SO8T checkpoint folder, or a GGUF through llama.cpp with the heads
+    from its so8t.* metadata) on labelled examples: accuracy, AUROC, precision, recall, false-positive rate
+    and expected calibration error at each head's threshold."""
+    from .config import HEAD_LABELS
+    from .heads.train import evaluate_heads
+    from .io import check_output_path
+    from .runtime import LlamaError
+
+    if not source.exists():
+        raise click.BadParameter(f"{source} does not exist", param_hint="SOURCE")
+    overrides = {}
+    for item in thresholds:
+        head, _, value = item.partition("=")
+        try:
+            overrides[head] = float(value)
+        except ValueError:
+            overrides[head] = -1.0
+        if head not in HEAD_LABELS or not 0 <= overrides[head] <= 1:
+            raise click.BadParameter(f"{item!r}; expected HEAD=P with HEAD one of {', '.join(HEAD_LABELS)} "
+                                     "and P in [0, 1]", param_hint="--threshold")
+    if plot is not None:
+        if plot.suffix.lstrip(".").lower() not in _PLOT_FORMATS:
+            raise click.BadParameter(f"{plot}: expected a .png, .svg or .pdf file", param_hint="--plot")
+        check_output_path(plot, [data, source])
+    bar, progress = _progress("features")
+    with quiet_warnings(), bar:
+        try:
+            report = evaluate_heads(source, data, thresholds=overrides, batch_size=batch_size, n_ctx=ctx_size,
+                                    n_threads=threads, progress=progress)
+        except LlamaError as err:
+            raise click.ClickException(str(err)) from None
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
+    if plot is not None:
+        from .heads.plot import plot_heads
+
+        click.echo(f"wrote {plot_heads(report, plot)}", err=as_json)
+
+
+@main.command("set-heads")
+@click.argument("gguf_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--from", "heads_dir", required=True, type=click.Path(path_type=Path),
+              help="SO8T checkpoint whose heads and thresholds go into the file (train-heads' output).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the result here instead of replacing GGUF_FILE.")
+@user_errors
+def set_heads_command(gguf_file: Path, heads_dir: Path, output: Path | None) -> None:
+    """Replace the so8t.* safety and authority heads and thresholds of GGUF_FILE with those of a checkpoint.
+    Every tensor byte stays the same; the new file is written beside the old one and renamed over it."""
+    from .heads.set_heads import set_heads
+
+    click.echo(set_heads(gguf_file, heads_dir, output=output).summary())
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ _FIELD_TYPES: dict[str, tuple] = {
         "num_key_value_heads", "head_dim", "max_position_embeddings", "max_window_layers",
         "so8t_rotation_dim", "so8t_rotation_seed")},
     **{key: (_number, "a number") for key in ("rope_theta", "rms_norm_eps", "attention_dropout",
-                                              "initializer_range")},
+                                              "initializer_range", "so8t_safety_threshold",
+                                              "so8t_authority_threshold")},
     **{key: (lambda v: isinstance(v, bool), "true or false") for key in (
         "attention_bias", "tie_word_embeddings", "use_sliding_window", "use_cache", "so8t_triality_symmetry",
         "so8t_cross_head_interaction", "so8t_non_commutative_gates", "so8t_vector_representation",
@@ -110,6 +111,10 @@ class SO8TConfig:
     so8t_spinor_plus_representation: bool = True
     so8t_spinor_minus_representation: bool = True
     so8t_rotation_seed: int = 8
+    # P(unsafe) / P(escalate) at which the runtime's gate acts unless told otherwise; train-heads sets them
+    # (its --target-fpr), the export carries them as so8t.<head>_head.threshold.
+    so8t_safety_threshold: float = 0.5
+    so8t_authority_threshold: float = 0.5
 
     model_type: str = field(default=MODEL_TYPE, init=False)
     architectures: list[str] = field(default_factory=lambda: [ARCHITECTURE], init=False)
@@ -142,6 +147,9 @@ class SO8TConfig:
             fail("initializer_range", "a finite non-negative number")
         if not 0 <= self.so8t_rotation_seed < 2**32:
             fail("so8t_rotation_seed", "an integer in [0, 2**32)")
+        for head in HEAD_LABELS:
+            if not 0 <= self.head_threshold(head) <= 1:  # NaN fails too
+                fail(f"so8t_{head}_threshold", "a probability in [0, 1]")
         if self.so8t_rotation_dim != 8:
             fail("so8t_rotation_dim", "8 (SO(8) triality exists only in dimension 8)")
         if self.head_dim % 8:
@@ -250,6 +258,9 @@ class SO8TConfig:
     def save_pretrained(self, model_dir: str | Path) -> None:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
         write_bytes_atomic(Path(model_dir) / "config.json", text.encode())
+
+    def head_threshold(self, head: str) -> float:
+        return getattr(self, f"so8t_{head}_threshold")
 
     def so8t_flags(self) -> dict[str, bool]:
         """The boolean so8t_* flags, keyed without their prefix (as GGUF metadata names them)."""

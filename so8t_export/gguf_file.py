@@ -24,6 +24,7 @@ This module needs only gguf-py and numpy (no torch).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import mmap
 import re
@@ -83,6 +84,7 @@ class HeaderField:
     types: list
     value: object
     count: int | None = None
+    span: tuple[int, int] | None = None  # the pair's bytes in the file, key name to end of value
 
     def contents(self):
         return self.value
@@ -109,6 +111,11 @@ class GGUFHeader:
     version: int
     fields: dict
     tensors: list  # HeaderTensor, in file order
+    # Where things lie, for rewriting the metadata without touching the tensors (heads.set_heads).
+    byte_order: str = "<"  # struct's prefix: "<" or ">"
+    tensor_info_span: tuple[int, int] = (0, 0)
+    data_start: int = 0  # tensor data offsets are relative to this, a multiple of alignment
+    alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT
 
     @property
     def tensor_types(self) -> list:
@@ -245,12 +252,14 @@ def _scan(s: _Scanner) -> GGUFHeader:
                      f"pairs, more than a {s.size}-byte file can hold")
     fields: dict[str, HeaderField] = {}
     for i in range(n_kv):
+        start = s.offset
         key = s.string(f"the name of key-value pair {i}")
         if not key:
             raise s.fail(f"key-value pair {i} has an empty name")
         if key in fields:
             raise s.fail(f"metadata key {key} appears twice")
-        fields[key] = s.field(s.unpack("I", f"the value type of {key}"), key)
+        field = s.field(s.unpack("I", f"the value type of {key}"), key)
+        fields[key] = dataclasses.replace(field, span=(start, s.offset))
     alignment = gguf.GGUF_DEFAULT_ALIGNMENT
     if "general.alignment" in fields:
         field = fields["general.alignment"]
@@ -260,6 +269,7 @@ def _scan(s: _Scanner) -> GGUFHeader:
             raise s.fail(f"general.alignment = {field.value}; expected a power of two")
         alignment = field.value
     tensors = []
+    tensor_info_start = s.offset
     names: set[str] = set()
     expected_offset, previous, previous_desc = 0, None, ""
     for i in range(n_tensors):
@@ -312,7 +322,9 @@ def _scan(s: _Scanner) -> GGUFHeader:
                          f"needed, but the file has {s.size} bytes")
     return GGUFHeader(s.path, version, fields,
                       [HeaderTensor(name, ttype, dims, data_start + offset, n_bytes)
-                       for name, ttype, dims, offset, n_bytes in tensors])
+                       for name, ttype, dims, offset, n_bytes in tensors],
+                      byte_order=s.order, tensor_info_span=(tensor_info_start, s.offset), data_start=data_start,
+                      alignment=alignment)
 
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:

@@ -185,6 +185,19 @@ def _is_so8t_checkpoint(folder: Path) -> bool:
         return False
 
 
+def check_save_target(model_dir: Path) -> bool:
+    """Whether save_pretrained would write into an existing SO8T checkpoint (True) or a new or empty folder
+    (False); CheckpointError for anything it refuses. Long jobs call it before they start."""
+    model_dir = Path(model_dir)
+    if model_dir.exists() and not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: exists and is not a folder; expected a folder to save into")
+    existing = model_dir.is_dir() and any(model_dir.iterdir())
+    if existing and not _is_so8t_checkpoint(model_dir):
+        raise CheckpointError(f"{model_dir}: folder is not empty and holds no SO8T checkpoint; refusing to write "
+                              "into it (its files could be lost): save to a new folder")
+    return existing
+
+
 def save_pretrained(model: SO8TTransformerForCausalLM, model_dir: str | Path,
                     max_shard_bytes: int = 4 << 30) -> None:
     """Write config.json (model_type so8t) and safetensors weights, buffers and heads; copy tokenizer files
@@ -195,12 +208,7 @@ def save_pretrained(model: SO8TTransformerForCausalLM, model_dir: str | Path,
     checkpoint, the working directory) is refused, as mlx-lm's convert refuses an existing output.
     """
     model_dir = Path(model_dir)
-    if model_dir.exists() and not model_dir.is_dir():
-        raise CheckpointError(f"{model_dir}: exists and is not a folder; expected a folder to save into")
-    existing = model_dir.is_dir() and any(model_dir.iterdir())
-    if existing and not _is_so8t_checkpoint(model_dir):
-        raise CheckpointError(f"{model_dir}: folder is not empty and holds no SO8T checkpoint; refusing to write "
-                              "into it (its files could be lost): save to a new folder")
+    existing = check_save_target(model_dir)
     state = {n: t.detach().contiguous() for n, t in model.state_dict().items()
              if not (model.config.tie_word_embeddings and n == "task_head.weight")}
     shards = _shard(state, max_shard_bytes)

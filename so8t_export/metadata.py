@@ -18,7 +18,11 @@ import numpy as np
 from .config import HEAD_LABELS, SO8TConfig, triality_types
 from .gguf_file import MetadataError, Qwen3Hparams, array_value, finite, read_qwen3_hparams, scalar_value
 
-SCHEMA_VERSION = 1
+# Version 2 adds so8t.<head>_head.threshold (train-heads calibrates them; the runtime's default gate).
+# Version 1 files (no thresholds) still read, with DEFAULT_THRESHOLD for both heads.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+DEFAULT_THRESHOLD = 0.5
 PREFIX = "so8t."
 FOLD_ERROR_KEY = "so8t.fold.max_abs_error"
 SOURCE_HASH_KEY = "so8t.source.sha256"
@@ -26,7 +30,10 @@ _V = gguf.GGUFValueType
 
 
 def _floats(t) -> list[float]:
-    return [float(v) for v in t.detach().float().flatten().tolist()]
+    """A torch tensor or numpy array as the float32 values GGUF stores."""
+    if hasattr(t, "detach"):
+        t = t.detach().float().numpy()
+    return np.asarray(t, dtype=np.float32).ravel().tolist()
 
 
 def so8t_entries(config: SO8TConfig, rotations, cross_head, heads: dict, fold_error: float,
@@ -53,17 +60,24 @@ def so8t_entries(config: SO8TConfig, rotations, cross_head, heads: dict, fold_er
     entries.append(("so8t.mlp.rotation_types",
                     triality_types(config.num_hidden_layers, config.so8t_triality_symmetry), _V.ARRAY,
                     _V.INT32))
-    for head, labels in HEAD_LABELS.items():
-        entries += [
-            (f"so8t.{head}_head.weight", _floats(heads[f"{head}_head.weight"]), _V.ARRAY, _V.FLOAT32),
-            (f"so8t.{head}_head.bias", _floats(heads[f"{head}_head.bias"]), _V.ARRAY, _V.FLOAT32),
-            (f"so8t.{head}_head.labels", list(labels), _V.ARRAY, _V.STRING),
-        ]
+    for head in HEAD_LABELS:
+        entries += head_entries(head, heads[f"{head}_head.weight"], heads[f"{head}_head.bias"],
+                                config.head_threshold(head))
     entries += [
         (FOLD_ERROR_KEY, float(fold_error), _V.FLOAT32, None),
         (SOURCE_HASH_KEY, source_sha256, _V.STRING, None),
     ]
     return entries
+
+
+def head_entries(head: str, weight, bias, threshold: float) -> list[tuple]:
+    """The entries of one head (head_keys order): weight [2, hidden] and bias [2] as float32 arrays."""
+    return [
+        (f"so8t.{head}_head.weight", _floats(weight), _V.ARRAY, _V.FLOAT32),
+        (f"so8t.{head}_head.bias", _floats(bias), _V.ARRAY, _V.FLOAT32),
+        (f"so8t.{head}_head.labels", list(HEAD_LABELS[head]), _V.ARRAY, _V.STRING),
+        (threshold_key(head), float(threshold), _V.FLOAT32, None),
+    ]
 
 
 def add_so8t_metadata(writer: gguf.GGUFWriter, entries: list[tuple]) -> None:
@@ -95,22 +109,35 @@ class SO8TMetadata:
     kv_head_types: np.ndarray
     mlp_rotation_types: np.ndarray
     heads: dict[str, tuple[np.ndarray, np.ndarray, list[str]]]  # name -> (weight [2, hidden], bias [2], labels)
+    thresholds: dict[str, float]  # name -> P(class 1) at which the runtime's gate acts by default
     fold_max_abs_error: float
     source_sha256: str
 
 
-# Schema version 1, as so8t_entries writes it. so8t.cross_head.rotation is there exactly when
+def threshold_key(head: str) -> str:
+    return f"so8t.{head}_head.threshold"
+
+
+def head_keys(head: str, version: int = SCHEMA_VERSION) -> list[str]:
+    """The keys that hold one head, in schema order (what set-heads replaces)."""
+    return [f"so8t.{head}_head.{part}" for part in ("weight", "bias", "labels")] + (
+        [threshold_key(head)] if version >= 2 else [])
+
+
+# The schema, as so8t_entries writes it. so8t.cross_head.rotation is there exactly when
 # so8t.flags.cross_head_interaction is true.
 FLAG_NAMES = tuple(SO8TConfig().so8t_flags())
 CROSS_HEAD_KEY = "so8t.cross_head.rotation"
-SCHEMA_KEYS = (
-    ["so8t.version", "so8t.rotation_dim", "so8t.rotations_folded"]
-    + [f"so8t.flags.{flag}" for flag in FLAG_NAMES]
-    + ["so8t.triality.rotations", "so8t.triality.q_head_types", "so8t.triality.kv_head_types", CROSS_HEAD_KEY,
-       "so8t.mlp.rotation_types"]
-    + [f"so8t.{head}_head.{part}" for head in HEAD_LABELS for part in ("weight", "bias", "labels")]
-    + [FOLD_ERROR_KEY, SOURCE_HASH_KEY]
-)
+
+
+def schema_keys(version: int = SCHEMA_VERSION) -> list[str]:
+    return (["so8t.version", "so8t.rotation_dim", "so8t.rotations_folded"]
+            + [f"so8t.flags.{flag}" for flag in FLAG_NAMES]
+            + ["so8t.triality.rotations", "so8t.triality.q_head_types", "so8t.triality.kv_head_types",
+               CROSS_HEAD_KEY, "so8t.mlp.rotation_types"]
+            + [key for head in HEAD_LABELS for key in head_keys(head, version)]
+            + [FOLD_ERROR_KEY, SOURCE_HASH_KEY])
+
 # Largest plausible so8t.fold.max_abs_error. Exports write ~1e-15 from an SO8T checkpoint (float64 fold) and
 # ~1e-7 from a plain Qwen3 checkpoint (bounded by the float32 rotation buffers; 2.1e-7 on the tiny demo model,
 # 1.7e-7 on the 4B layout); the exporter refuses anything above 1e-6 relative to the projection's size. A
@@ -142,23 +169,24 @@ def read_so8t_metadata(reader: gguf.GGUFReader, path: str | Path = "GGUF",
         hparams = read_qwen3_hparams(reader, path)
     present = {key for key in reader.fields if key.startswith(PREFIX)}
     version = scalar_value(reader, "so8t.version", path, _V_U32)
-    if version != SCHEMA_VERSION:
-        raise MetadataError(f"{path}: so8t.version = {version}; expected {SCHEMA_VERSION} (the schema this "
-                            "so8t-export reads)")
-    unknown = sorted(present - set(SCHEMA_KEYS))
+    if version not in READABLE_VERSIONS:
+        raise MetadataError(f"{path}: so8t.version = {version}; expected "
+                            f"{' or '.join(map(str, READABLE_VERSIONS))} (the schemas this so8t-export reads)")
+    keys = schema_keys(version)
+    unknown = sorted(present - set(keys))
     if unknown:
-        raise MetadataError(f"{path}: {unknown[0]} is not a key of so8t.* schema version {SCHEMA_VERSION}")
+        raise MetadataError(f"{path}: {unknown[0]} is not a key of so8t.* schema version {version}")
     flags = {}
     def missing(key: str) -> MetadataError:
         return MetadataError(f"{path}: metadata key {key} is missing (the file has so8t.* metadata, but "
-                             f"not all of schema version {SCHEMA_VERSION})")
+                             f"not all of schema version {version})")
 
     for flag in FLAG_NAMES:
         key = f"so8t.flags.{flag}"
         if key not in present:
             raise missing(key)
         flags[flag] = bool(scalar_value(reader, key, path, (_V.BOOL,)))
-    for key in SCHEMA_KEYS:
+    for key in keys:
         if key not in present and key != CROSS_HEAD_KEY:
             raise missing(key)
 
@@ -220,7 +248,7 @@ def read_so8t_metadata(reader: gguf.GGUFReader, path: str | Path = "GGUF",
                      symmetry)
     mlp_types = types("so8t.mlp.rotation_types", hparams.block_count, "qwen3.block_count", symmetry)
 
-    heads = {}
+    heads, thresholds = {}, {}
     hidden = hparams.embedding_length
     for head, labels in HEAD_LABELS.items():
         weight = floats(f"so8t.{head}_head.weight", (2, hidden), f"2 x qwen3.embedding_length = 2 x {hidden}")
@@ -230,6 +258,14 @@ def read_so8t_metadata(reader: gguf.GGUFReader, path: str | Path = "GGUF",
         if found != list(labels):
             raise MetadataError(f"{path}: {key} = {found!r}; expected {list(labels)!r}")
         heads[head] = (weight, bias, found)
+        if version >= 2:
+            value = float(scalar_value(reader, threshold_key(head), path, _V_F32))
+            if not 0 <= value <= 1:  # NaN fails too
+                raise MetadataError(f"{path}: {threshold_key(head)} = {value:.7g}; expected a probability in "
+                                    "[0, 1]")
+            thresholds[head] = value
+        else:
+            thresholds[head] = DEFAULT_THRESHOLD
 
     fold_error = float(scalar_value(reader, FOLD_ERROR_KEY, path, _V_F32))
     if not (math.isfinite(fold_error) and 0 <= fold_error <= FOLD_ERROR_LIMIT):
@@ -242,7 +278,7 @@ def read_so8t_metadata(reader: gguf.GGUFReader, path: str | Path = "GGUF",
     return SO8TMetadata(
         version=version, rotation_dim=rotation_dim, flags=flags, rotations=rotations, cross_head=cross,
         q_head_types=q_types, kv_head_types=kv_types, mlp_rotation_types=mlp_types, heads=heads,
-        fold_max_abs_error=fold_error, source_sha256=sha256,
+        thresholds=thresholds, fold_max_abs_error=fold_error, source_sha256=sha256,
     )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import triality
 from .config import HEAD_LABELS, SO8TConfig  # noqa: F401 - HEAD_LABELS is part of this module's API
@@ -148,6 +149,7 @@ class SO8TTransformerModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=embedding)
         self.layers = nn.ModuleList(SO8TTransformerLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
         # Fixed rotations, saved with the model. Kept in float32 whatever the weights' dtype (see _apply).
         self.register_buffer("triality_rotations", torch.empty(3, 8, 8, dtype=torch.float32))
         self.register_buffer("cross_head_rotation", torch.empty(8, 8, dtype=torch.float32))
@@ -182,10 +184,17 @@ class SO8TTransformerModel(nn.Module):
         mask = self._mask(b, s, past, attention_mask, x.device, output_attentions)
         plan = self.rotation_plan().to(x.dtype)
         hidden_states, attentions = [], []
+        # Recompute each layer in the backward pass instead of keeping its activations. Not with a KV cache:
+        # the recomputation would append to it a second time.
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
             if output_hidden_states:
                 hidden_states.append(x)
-            x, weights = layer(x, cos, sin, mask, plan, cache, output_attentions)
+            if checkpointed:
+                x, weights = checkpoint(layer, x, cos, sin, mask, plan, None, output_attentions,
+                                        use_reentrant=False)
+            else:
+                x, weights = layer(x, cos, sin, mask, plan, cache, output_attentions)
             if output_attentions:
                 attentions.append(weights)
         x = self.norm(x)
@@ -255,6 +264,18 @@ class SO8TTransformerForCausalLM(nn.Module):
                                   safety_logits=self.safety_head(kept), authority_logits=self.authority_head(kept),
                                   last_hidden_state=hidden, hidden_states=all_hidden, attentions=attentions,
                                   past_key_values=past_key_values)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Trade compute for memory when fine-tuning, as transformers' method of that name does: in training
+        mode each layer's activations are recomputed in the backward pass. Gradients are unchanged."""
+        self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.model.gradient_checkpointing
 
     # Checkpoint IO and generation live in their own modules; these are the familiar entry points.
     @classmethod

@@ -204,13 +204,13 @@ def run_parity(model_dir: str | Path, gguf_path: str | Path, *, prompts: list[st
     hparams = read_qwen3_hparams(reader, gguf_path)
     has_heads = read_optional_so8t_metadata(reader, gguf_path, hparams) is not None
     thresholds = THRESHOLDS[file_type]
-    f32_kv_cache = (file_type == "f32") if f32_kv_cache is None else f32_kv_cache
     prompts = prompts if prompts is not None else list(DEFAULT_PROMPTS)
     tokenizer = tokenizer or load_tokenizer(model_dir)
     model = SO8TTransformerForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
     require_finite_weights(model, model_dir)
     n_ctx = max(256, max(len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts) + greedy_tokens + 8)
     runtime = SO8TRuntime(gguf_path, n_ctx=n_ctx, f32_kv_cache=f32_kv_cache, reader=reader)
+    f32_kv_cache = runtime.f32_kv_cache  # None: f32 for an f32 file, else llama.cpp's f16
     del reader
     stops = set(model.config.eos_token_ids)
     rows = []

@@ -105,7 +105,7 @@ class SO8TRuntime:
     ``llm.scores`` (parity needs them; serving reads only the last output of each decode).
     """
 
-    def __init__(self, gguf_path: str | Path, *, n_ctx: int | None = None, f32_kv_cache: bool = False,
+    def __init__(self, gguf_path: str | Path, *, n_ctx: int | None = None, f32_kv_cache: bool | None = None,
                  n_threads: int | None = None, seed: int = 0,
                  reader: GGUFHeader | gguf.GGUFReader | None = None, verbose: bool | None = None,
                  n_batch: int | None = None, all_logits: bool = True):
@@ -122,6 +122,13 @@ class SO8TRuntime:
                                                       (gguf.GGUFValueType.STRING,), required=False)
         templates = {key: scalar_value(reader, key, self.path, (gguf.GGUFValueType.STRING,))
                      for key in reader.fields if key.startswith("tokenizer.chat_template")}
+        if f32_kv_cache is None:
+            # llama.cpp's default cache is f16; an f32 file is chosen for exactness, and f16 keys and values
+            # alone move its hidden states by ~2e-4 relative (head probabilities by up to ~1e-3).
+            file_type = scalar_value(reader, "general.file_type", self.path, (gguf.GGUFValueType.UINT32,),
+                                     required=False)
+            f32_kv_cache = file_type == gguf.LlamaFileType.ALL_F32
+        self.f32_kv_cache = f32_kv_cache
         del reader  # not kept: llama.cpp reads the file itself
         n_ctx = default_ctx_size(self.hparams) if n_ctx is None else n_ctx
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:

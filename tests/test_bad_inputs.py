@@ -1137,7 +1137,8 @@ SO8T_KEYS = (
     "so8t.flags.cross_head_interaction", "so8t.triality.rotations", "so8t.triality.q_head_types",
     "so8t.triality.kv_head_types", "so8t.cross_head.rotation", "so8t.mlp.rotation_types",
     "so8t.safety_head.weight", "so8t.safety_head.bias", "so8t.safety_head.labels", "so8t.authority_head.weight",
-    "so8t.authority_head.bias", "so8t.authority_head.labels", "so8t.fold.max_abs_error", "so8t.source.sha256",
+    "so8t.authority_head.bias", "so8t.authority_head.labels", "so8t.safety_head.threshold",
+    "so8t.authority_head.threshold", "so8t.fold.max_abs_error", "so8t.source.sha256",
 )
 
 
@@ -1210,7 +1211,9 @@ def gguf_variants() -> list[tuple]:
     values = {
         "fold-error-nan": ("so8t.fold.max_abs_error", float("nan"), "FLOAT32"),
         "fold-error-1.0": ("so8t.fold.max_abs_error", 1.0, "FLOAT32"),
-        "version-2": ("so8t.version", 2, "UINT32"),
+        "version-3": ("so8t.version", 3, "UINT32"),
+        "threshold-1.5": ("so8t.safety_head.threshold", 1.5, "FLOAT32"),
+        "threshold-nan": ("so8t.authority_head.threshold", float("nan"), "FLOAT32"),
         "rotation-dim-16": ("so8t.rotation_dim", 16, "UINT32"),
         "rotations-not-folded": ("so8t.rotations_folded", False, "BOOL"),
         "version-is-string": ("so8t.version", "1", "STRING"),

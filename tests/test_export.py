@@ -32,6 +32,7 @@ EXPECTED_TYPES = {
     "qwen3.attention.value_length": T.UINT32, "tokenizer.ggml.model": T.STRING, "tokenizer.ggml.pre": T.STRING,
     "tokenizer.chat_template": T.STRING, "so8t.version": T.UINT32, "so8t.rotation_dim": T.UINT32,
     "so8t.rotations_folded": T.BOOL, "so8t.fold.max_abs_error": T.FLOAT32, "so8t.source.sha256": T.STRING,
+    "so8t.safety_head.threshold": T.FLOAT32, "so8t.authority_head.threshold": T.FLOAT32,
 }
 EXPECTED_ARRAYS = {
     "so8t.triality.rotations": (T.FLOAT32, 192), "so8t.triality.q_head_types": (T.INT32, 16),
@@ -198,7 +199,7 @@ def test_cli_gguf_and_inspect(so8t_dir, tmp_path):
     assert gguf.GGUFReader(out).get_field("general.name").contents() == "tiny"
     result = CliRunner().invoke(main, ["inspect", str(out)])
     assert result.exit_code == 0, result.output
-    for text in ("general.architecture = 'qwen3'", "qwen3.attention.key_length = 16", "so8t.version = 1",
+    for text in ("general.architecture = 'qwen3'", "qwen3.attention.key_length = 16", "so8t.version = 2",
                  "triality_identity", "OK: orthogonal"):
         assert text in result.output
     for command in (["--help"], ["gguf", "--help"], ["inspect", "--help"], ["parity", "--help"]):

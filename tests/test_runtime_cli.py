@@ -288,7 +288,7 @@ def test_serve_hands_its_options_to_run_server(gguf_file, tmp_path, monkeypatch)
     assert path == gguf_file
     policy = kwargs.pop("policy")
     assert (policy.refuse_above, policy.escalate_above, policy.stop_above, policy.score_every, policy.refusal) == (
-        0.9, 0.5, None, 2, "No.")
+        0.9, "file", None, 2, "No.")  # escalate: the file's threshold, resolved at load
     assert kwargs == {"host": "127.0.0.1", "port": 0, "n_ctx": 512, "n_threads": 2,
                       "api_keys": ["key-a", "key-b", "key-c"], "max_queue": 3, "max_body_bytes": 2**20,
                       "reasoning_field": "both", "gate_errors": True, "verbose": False}

@@ -675,7 +675,7 @@ def test_ollama_tags_show_version(main):
     assert listed.models[0].details.format == "gguf" and listed.models[0].details.quantization_level == "F32"
     shown = client.show("so8t")
     assert shown.capabilities == ["completion", "thinking"]
-    assert shown.modelinfo["qwen3.context_length"] == 4096 and shown.modelinfo["so8t.version"] == 1
+    assert shown.modelinfo["qwen3.context_length"] == 4096 and shown.modelinfo["so8t.version"] == 2
     assert shown.details.family == "qwen3"
     with main.http() as http:
         assert http.get("/api/version").json()["version"]

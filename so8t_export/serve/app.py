@@ -455,6 +455,7 @@ class ServerState:
         if self.policy.enabled and not engine.has_heads:
             raise LlamaError(f"{engine.path}: no so8t.* metadata, so no safety/authority heads to gate with; "
                              "serve it with the gate off (--no-gate) or export it with so8t-export")
+        self.policy = self.policy.resolved(engine.runtime.metadata)  # what /metrics and the logs report
         self.worker = Worker(self, engine)
         self.engine = engine
 

@@ -87,13 +87,14 @@ class Engine:
     """
 
     def __init__(self, gguf_path: str | Path, *, n_ctx: int | None = None, n_threads: int | None = None,
-                 n_batch: int | None = None, require_heads: bool = True, verbose: bool | None = None):
+                 n_batch: int | None = None, require_heads: bool = True, verbose: bool | None = None,
+                 f32_kv_cache: bool | None = None):
         self.path = Path(gguf_path)
         header = read_gguf_header(self.path)
         # SO8TRuntime validates the file (qwen3.*, so8t.*, templates) and loads it; serving needs only the
         # last output of each decode, so its logits are not kept for every position.
         self.runtime = SO8TRuntime(self.path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, reader=header,
-                                   verbose=verbose, all_logits=False)
+                                   verbose=verbose, all_logits=False, f32_kv_cache=f32_kv_cache)
         if require_heads and not self.runtime.has_heads:
             raise LlamaError(f"{self.path}: no so8t.* metadata, so no safety/authority heads to gate with; "
                              "serve it with the gate off (--no-gate) or export it with so8t-export")
@@ -144,6 +145,13 @@ class Engine:
 
     def prefill(self, tokens: list[int]) -> PromptScore:
         """Decode the prompt from an empty cache and score its last token."""
+        hidden = self.prefill_hidden(tokens)
+        safety, authority = self.heads(hidden[None]) if self.has_heads else (None, None)
+        return PromptScore(len(tokens), None if safety is None else safety[0],
+                           None if authority is None else authority[0])
+
+    def prefill_hidden(self, tokens: list[int]) -> np.ndarray:
+        """Decode the prompt from an empty cache; the final normed hidden state of its last token [hidden]."""
         if not tokens:
             raise ValueError("the prompt is empty (0 tokens)")
         if len(tokens) > self.n_ctx:
@@ -156,9 +164,7 @@ class Engine:
             finally:
                 self._set_embeddings(True)
         self.runtime.decode(tokens[-1:])
-        safety, authority = self.heads(self._last_hidden()[None]) if self.has_heads else (None, None)
-        return PromptScore(len(tokens), None if safety is None else safety[0],
-                           None if authority is None else authority[0])
+        return self._last_hidden()
 
     def score_texts(self, texts: Sequence[str]) -> list[PromptScore]:
         """Head probabilities of each text at its last token, with no generation (/v1/moderations)."""

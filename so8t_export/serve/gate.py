@@ -7,6 +7,10 @@ Stages, each switched off by a threshold of None:
 - output: every ``score_every``-th generated token, reasoning included, is scored; the stream stops the moment
   P(unsafe) >= ``stop_above``.
 
+A threshold of ``FROM_FILE`` (every stage's default) is the file's own: so8t.safety_head.threshold for the
+input and output stages, so8t.authority_head.threshold for escalation (what train-heads calibrated), 0.5 for a
+file without them.
+
 Text is held back until the token that produced it has been scored (with score_every > 1, until the next
 scored token), so nothing past a crossing is ever sent. Stop strings and the thinking split work on what
 passed the gate: Qwen3-Thinking-2507's prompt already ends in ``<think>``, so its output opens inside the
@@ -15,24 +19,28 @@ reasoning and ``</think>`` switches to the answer.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ..metadata import DEFAULT_THRESHOLD, SO8TMetadata
 from ..thinking import Delta, ThinkingSplitter
 from .engine import ContextExceededError, Engine, GenerationEnd, SamplingParams
 
-__all__ = ["Delta", "GatePolicy", "GatedRun"]
+__all__ = ["FROM_FILE", "Delta", "GatePolicy", "GatedRun"]
 
 DEFAULT_REFUSAL = "I can't help with that request."
+FROM_FILE = "file"  # a stage's threshold as the GGUF's so8t.<head>_head.threshold says
+_STAGE_HEADS = {"refuse_above": "safety", "escalate_above": "authority", "stop_above": "safety"}
 
 
 @dataclass(frozen=True)
 class GatePolicy:
-    refuse_above: float | None = 0.5
-    escalate_above: float | None = 0.5
-    stop_above: float | None = 0.5
+    refuse_above: float | str | None = FROM_FILE
+    escalate_above: float | str | None = FROM_FILE
+    stop_above: float | str | None = FROM_FILE
     score_every: int = 1
     refusal: str = DEFAULT_REFUSAL
 
@@ -44,11 +52,20 @@ class GatePolicy:
     def enabled(self) -> bool:
         return any(t is not None for t in (self.refuse_above, self.escalate_above, self.stop_above))
 
+    def resolved(self, metadata: SO8TMetadata | None) -> GatePolicy:
+        """FROM_FILE replaced by the file's thresholds (DEFAULT_THRESHOLD without so8t.* metadata)."""
+        thresholds = metadata.thresholds if metadata is not None else {}
+        return dataclasses.replace(self, **{
+            stage: thresholds.get(head, DEFAULT_THRESHOLD)
+            for stage, head in _STAGE_HEADS.items() if getattr(self, stage) == FROM_FILE})
+
     def __post_init__(self):
-        for name in ("refuse_above", "escalate_above", "stop_above"):
+        for name in _STAGE_HEADS:
             value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} = {value!r}; expected a probability in [0, 1] or None (stage off)")
+            if value is not None and value != FROM_FILE and not (
+                    isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{name} = {value!r}; expected a probability in [0, 1], {FROM_FILE!r} (the "
+                                 "file's threshold) or None (stage off)")
         if self.score_every < 1:
             raise ValueError(f"score_every = {self.score_every!r}; expected a positive number of tokens")
 
@@ -73,7 +90,8 @@ class GatedRun:
 
     def __init__(self, engine: Engine, policy: GatePolicy, prompt: str, params: SamplingParams, *,
                  split_thinking: bool = True, cancel: threading.Event | None = None):
-        self.engine, self.policy, self.prompt, self.params = engine, policy, prompt, params
+        self.engine, self.prompt, self.params = engine, prompt, params
+        self.policy = policy.resolved(engine.runtime.metadata)
         self.split_thinking = split_thinking
         self.cancel = cancel or threading.Event()
         self.result = RunResult()
