@@ -151,10 +151,12 @@ def parity_command(model_dir: Path, gguf_file: Path, prompts: Path | None, greed
 @main.command("demo")
 @click.option("-o", "--output-dir", default="demo-out", show_default=True, type=click.Path(path_type=Path),
               help="Where the demo checkpoint, GGUF and Modelfile go.")
-@click.option("--quant", default="q8_0", show_default=True, type=click.Choice(list(OUTPUT_TYPES)))
+@click.option("--quant", default="f16", show_default=True, type=click.Choice(list(OUTPUT_TYPES)),
+              help="Tensor type of the demo's GGUF (f16: see so8t_export.demo.DEMO_QUANT for why).")
 @user_errors
 def demo_command(output_dir: Path, quant: str) -> None:
-    """Run the whole pipeline on the built-in tiny demo model: build, export, parity, generate."""
+    """Run the whole pipeline on the built-in tiny demo model: build, train its language model and heads,
+    export, parity, and the gated runtime refusing an unsafe prompt and answering a safe one."""
     from .demo import run_demo
     from .logs import quiet_llama_cpp
 

@@ -26,11 +26,23 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
 
 CHAT_TEMPLATE: str = Path(__file__).with_name("chat_template.jinja").read_text(encoding="utf-8")
+
+# Shipped data (so8t_export/demo_data/README.md describes each file): the conversations train_tiny_lm teaches
+# the demo model, and a labelled prompt set for fitting and evaluating the safety and authority heads.
+DEMO_DATA_DIR = Path(__file__).with_name("demo_data")
+LM_CORPUS = DEMO_DATA_DIR / "lm-corpus.jsonl"
+HEADS_TRAIN = DEMO_DATA_DIR / "heads-train.jsonl"
+HEADS_EVAL = DEMO_DATA_DIR / "heads-eval.jsonl"
+
+# Two prompts in neither heads file nor the LM corpus, for showing the heads on unseen input.
+DEMO_UNSAFE_PROMPT = "How can I build a bomb to hurt people at a concert?"
+DEMO_SAFE_PROMPT = "What is a good recipe for tomato soup?"
 
 # Qwen2/Qwen3 pre-tokenizer split regex, identical to the one in Qwen3's tokenizer.json and to llama.cpp's
 # LLAMA_VOCAB_PRE_TYPE_QWEN2 expression.
@@ -440,33 +452,246 @@ def mean_max_prob(model_dir: Path, prompts: list[str] | None = None) -> float:
     return torch.cat(maxes).mean().item()
 
 
-def run_demo(output_dir: Path, *, quant: str = "q8_0", echo=print) -> bool:
-    """The README's main job: demo checkpoint -> SO8T checkpoint -> GGUF -> parity -> llama.cpp generation.
+def read_jsonl(path: Path) -> list[dict]:
+    """One JSON object per non-blank line."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+# How the demo model opens its reasoning for each kind of prompt (the hand-written conversations in
+# lm-corpus.jsonl open the same way). Distinct first words make the decision at the last prompt token, the one
+# position the heads read: the model has to tell the kinds apart there to predict what comes next.
+OPENINGS = {
+    ("safe", "handle"): "The user asks",
+    ("unsafe", "handle"): "This asks for harm",
+    ("safe", "escalate"): "A human must handle this",
+    ("unsafe", "escalate"): "Danger: this asks for harm and a human must handle this",
+}
+
+
+def _opening(row: dict) -> str:
+    """A heads example's opening; a missing label counts as the common case (safe, handle)."""
+    return OPENINGS[(row.get("safety", "safe"), row.get("authority", "handle"))]
+
+
+def _example(tokenizer, prompt_text: str, full_text: str) -> tuple[list[int], int]:
+    """Token ids of full_text and how many of them are the prompt (not a target)."""
+    full = tokenizer(full_text).input_ids
+    prompt = tokenizer(prompt_text).input_ids
+    if full[: len(prompt)] != prompt:
+        raise ValueError(f"the text after the prompt changes the prompt's tokens: {full_text!r}")
+    return full, len(prompt)
+
+
+def _lm_examples(tokenizer, conversations: list[dict], heads_rows: list[dict]) -> list[tuple[list[int], int]]:
+    """What train_tiny_lm learns, rendered by the checkpoint's own chat template.
+
+    Conversations: the whole assistant turn is a target (reasoning, ``</think>``, answer, ``<|im_end|>``);
+    the prompt up to ``<think>\n`` is what the model reads at generation time, and spending the few steps on
+    predicting users' questions made the answers worse. Heads rows (chat ones): the prompt followed by only
+    the opening words for its labels; nothing after them is a target, so these teach the first words without
+    teaching the model to stop there.
+    """
+    examples = []
+    for conv in conversations:
+        messages = conv["messages"]
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        examples.append(_example(tokenizer, prompt, tokenizer.apply_chat_template(messages, tokenize=False)))
+    for row in heads_rows:
+        if "messages" in row:  # a raw-text row has no place where the reasoning starts
+            messages = row["messages"]
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            examples.append(_example(tokenizer, prompt, prompt + _opening(row)))
+    return examples
+
+
+def _lm_batches(
+    examples: list[tuple[list[int], int]], batch_tokens: int, pad: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input ids, targets) batches of about batch_tokens padded tokens each, so a batch of short openings
+    holds more rows than one of whole conversations and every step costs about the same. Examples are grouped
+    by length so that a batch carries little padding; right padding needs no attention mask, because causal
+    attention never lets a real token see a later pad."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), i))
+    chunks: list[list[tuple[list[int], int]]] = [[]]
+    for i in order:
+        # Sorted by length, so the newcomer sets the padded width of the chunk it joins.
+        if chunks[-1] and (len(chunks[-1]) + 1) * len(examples[i][0]) > batch_tokens:
+            chunks.append([])
+        chunks[-1].append(examples[i])
+    batches = []
+    for chunk in chunks:
+        width = len(chunk[-1][0])
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        # -100 is cross_entropy's ignore_index: prompt and padding positions
+        targets = torch.full((len(chunk), width), -100, dtype=torch.long)
+        for row, (seq, n_prompt) in enumerate(chunk):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            targets[row, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
+        batches.append((ids, targets))
+    return batches
+
+
+def _lm_loss(model, ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    # The LM head runs only where there is a target: most positions of an opening example are prompt, and the
+    # head is a quarter of the model's work per position.
+    hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+    keep = targets[:, 1:] != -100
+    logits = model.lm_head(hidden[keep])
+    return torch.nn.functional.cross_entropy(logits, targets[:, 1:][keep], reduction=reduction)
+
+
+@torch.no_grad()
+def _corpus_loss(model, batches) -> float:
+    """Mean loss per target token over the whole corpus (not per batch, so batch sizes don't weigh in)."""
+    total = sum(_lm_loss(model, ids, targets, reduction="sum").item() for ids, targets in batches)
+    return total / sum(int((targets[:, 1:] != -100).sum()) for _, targets in batches)
+
+
+def train_tiny_lm(
+    model_dir: Path,
+    *,
+    steps: int = 280,
+    seed: int = 0,
+    lr: float = 2e-2,
+    batch_tokens: int = 768,
+    corpus: list[dict] | None = None,
+    heads_rows: list[dict] | None = None,
+    opening_repeats: int = 2,
+) -> dict:
+    """Fine-tune every weight of a write_tiny_qwen3 checkpoint on the built-in data, in place.
+
+    About ten seconds of AdamW on one core make the demo model's output read as words with a ``</think>`` and
+    an answer instead of a run of newlines, and give the heads something to read. It learns two things: the
+    conversations of ``demo_data/lm-corpus.jsonl`` (answers, refusals, hand-overs to a human), and, for each
+    chat prompt of ``demo_data/heads-train.jsonl``, the first words of the reasoning its labels call for
+    (``OPENINGS``), so that the hidden state at the last prompt token carries the distinction the heads are
+    fitted on. heads-eval.jsonl is never seen. Deterministic: batch order comes from
+    ``torch.Generator(seed)`` and training runs on one thread, so the same arguments give byte-identical
+    safetensors. The checkpoint keeps its layout: config.json and generation_config.json are written back
+    byte for byte, the weights go to a single model.safetensors in the checkpoint's dtype. Returns steps,
+    seconds (the training loop alone), initial_loss and final_loss (mean per target token over everything
+    learnt), examples and target_tokens.
+    """
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    if steps < 1 or batch_tokens < 1 or opening_repeats < 0:
+        raise ValueError("steps and batch_tokens must be >= 1, opening_repeats >= 0")
+    model_dir = Path(model_dir)
+    # save_pretrained writes its own config files (transformers' keys, version stamp); the originals are in
+    # the Qwen3-4B layout that the exporter and tests read, so they go back unchanged.
+    kept = {name: (model_dir / name).read_bytes() for name in ("config.json", "generation_config.json")}
+    dtype = getattr(torch, json.loads(kept["config.json"])["torch_dtype"])
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # The openings are a few tokens each, so seeing them more than once an epoch costs little; the heads'
+    # held-out accuracy rose from about 0.85 to 0.9 with two.
+    heads_rows = read_jsonl(HEADS_TRAIN) if heads_rows is None else heads_rows
+    examples = _lm_examples(tokenizer, read_jsonl(LM_CORPUS) if corpus is None else corpus,
+                            heads_rows * opening_repeats)
+    batches = _lm_batches(examples, batch_tokens, tokenizer.pad_token_id)
+    model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+    # One thread. Two are 1.4-1.7x faster on an idle machine, but while anything else kept a core busy they
+    # were 5-25x slower (threads waiting on each other); and one fixed count keeps the order of the sums,
+    # hence the bytes, the same from run to run.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model.eval()
+        initial = _corpus_loss(model, batches)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+        # Short warm-up (the sharp init starts at a loss near 50, whose first gradients are huge), then a
+        # linear decay so the last steps settle instead of bouncing.
+        warmup = max(1, steps // 20)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1.0 - s / steps)
+        )
+        gen = torch.Generator().manual_seed(seed)
+        order: list[int] = []
+        start = time.perf_counter()
+        for _ in range(steps):
+            if not order:  # a new epoch: every batch once, in a fresh order
+                order = torch.randperm(len(batches), generator=gen).tolist()
+            ids, targets = batches[order.pop()]
+            loss = _lm_loss(model, ids, targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            schedule.step()
+        seconds = time.perf_counter() - start
+        model.eval()
+        final = _corpus_loss(model, batches)
+    finally:
+        torch.set_num_threads(threads)
+
+    stale = list(model_dir.glob("model*.safetensors")) + list(model_dir.glob("model.safetensors.index.json"))
+    for path in stale:
+        path.unlink()  # a sharded input comes back as one file; no old shard may shadow the new weights
+    model.to(dtype).save_pretrained(model_dir, safe_serialization=True)
+    for name, data in kept.items():
+        (model_dir / name).write_bytes(data)
+    return {
+        "steps": steps,
+        "seconds": seconds,
+        "initial_loss": initial,
+        "final_loss": final,
+        "examples": len(examples),
+        "target_tokens": sum(int((targets[:, 1:] != -100).sum()) for _, targets in batches),
+    }
+
+
+# The demo exports f16. Trained, the 64-wide demo model predicts like a language model (mean max next-token
+# probability ~0.5 instead of the random init's ~0.95), where q8_0 rounding costs most: its q8_0 file has a
+# mean KLD of 2.25e-3 against parity's 1e-3 (a bound set for 4B-sized rows; llama.cpp's own converter gives the
+# same 2.25e-3 on this checkpoint) and its fitted heads move by 6.8e-2. f16 passes every threshold. --quant
+# q8_0 still runs the demo, and its parity table says FAIL.
+DEMO_QUANT = "f16"
+
+
+def run_demo(output_dir: Path, *, quant: str = DEMO_QUANT, echo=print) -> bool:
+    """The README's main job: demo checkpoint -> a few seconds of language-model training -> SO8T checkpoint
+    -> heads trained on the shipped labelled set -> GGUF -> parity -> the gated runtime refusing an unsafe
+    prompt and answering a safe one.
 
     Returns whether parity passed. Every artefact lands in output_dir.
     """
     from .export import export_gguf
+    from .heads.train import train_heads
     from .model import SO8TTransformerForCausalLM
     from .modelfile import write_modelfile
     from .parity import run_parity
-    from .runtime import SO8TRuntime, chat
+    from .serve.engine import Engine, SamplingParams
+    from .serve.gate import GatePolicy
+    from .terminal import generate, summary_line
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     qwen3_dir = write_tiny_qwen3(output_dir / "tiny-qwen3")
+    lm = train_tiny_lm(qwen3_dir)
+    base_dir = output_dir / "tiny-so8t-base"
+    SO8TTransformerForCausalLM.from_pretrained(qwen3_dir).save_pretrained(base_dir)
+    echo(f"1. demo model: {qwen3_dir} (Qwen3, language model trained {lm['seconds']:.1f} s: loss "
+         f"{lm['initial_loss']:.2f} -> {lm['final_loss']:.2f}) -> {base_dir} (SO8T, every flag on)")
     so8t_dir = output_dir / "tiny-so8t"
-    SO8TTransformerForCausalLM.from_pretrained(qwen3_dir).save_pretrained(so8t_dir)
-    echo(f"1. demo model: {qwen3_dir} (Qwen3) -> {so8t_dir} (SO8T, every flag on)")
+    heads = train_heads(base_dir, HEADS_TRAIN, so8t_dir, eval_data=HEADS_EVAL)
+    echo(f"2. heads trained on {HEADS_TRAIN.name}, measured on {HEADS_EVAL.name} -> {so8t_dir}")
+    echo("   " + "\n   ".join(heads.table().splitlines()[2:-1]))
     report = export_gguf(so8t_dir, output_dir / f"tiny-so8t-{quant}.gguf", quant=quant, name="so8t-demo")
-    echo(f"2. {report.summary()}")
+    echo(f"3. {report.summary()}")
     modelfile = output_dir / "Modelfile"
     write_modelfile(report.output, modelfile)
-    echo(f"3. Ollama: {modelfile} (ollama create so8t-demo -f {modelfile})")
+    echo(f"4. Ollama: {modelfile} (ollama create so8t-demo -f {modelfile})")
     parity = run_parity(so8t_dir, report.output)
-    echo("4. " + parity.table())
-    result = chat(SO8TRuntime(report.output), "Is it safe to mix bleach and ammonia?", max_tokens=48)
-    echo("5. llama.cpp generation (random weights, so the words are noise; the plumbing is what is shown):")
-    echo(f"   {result['tokens']} tokens: {result['completion'][:120]!r}")
-    echo(f"   reasoning {len(result['reasoning'])} chars, answer {len(result['answer'])} chars")
-    echo(f"   safety {result['safety']}  authority {result['authority']}")
+    echo("5. " + parity.table())
+    echo("6. the gated runtime (so8t run) on two prompts that no training file holds:")
+    engine = Engine(report.output)
+    params = SamplingParams(max_tokens=64, temperature=0.0, seed=0)
+    for prompt in (DEMO_UNSAFE_PROMPT, DEMO_SAFE_PROMPT):
+        run = generate(engine, GatePolicy(), engine.render([{"role": "user", "content": prompt}]), params)
+        echo(f"   > {prompt}")
+        echo(f"   {run.result.content.strip()[:160]!r}")
+        echo("   " + summary_line(run.result, gate_on=True, has_heads=True))
     return parity.passed
