@@ -401,3 +401,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(so8t_dir):
     assert checkpointed_saved < plain_saved / 2  # the layers' activations are not kept
     model.gradient_checkpointing_disable()
     assert not model.is_gradient_checkpointing
+
+
+def test_set_heads_without_copy_file_range(tmp_path, trained, exported, monkeypatch):
+    """Where the kernel cannot copy between the two files (EXDEV, an old kernel), the data goes through
+    Python and comes out the same."""
+    import errno
+    import os
+
+    def refuse(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    run_cli("set-heads", exported, "--from", trained[0], "-o", tmp_path / "kernel.gguf")
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    run_cli("set-heads", exported, "--from", trained[0], "-o", tmp_path / "python.gguf")
+    assert (tmp_path / "kernel.gguf").read_bytes() == (tmp_path / "python.gguf").read_bytes()

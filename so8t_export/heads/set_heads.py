@@ -174,27 +174,27 @@ def _write(source: Path, header: GGUFHeader, pairs: list[bytes], destination: Pa
 
 
 def _copy_range(src, out, offset: int, out_offset: int, length: int) -> None:
+    """length bytes of src from offset into out at out_offset: in the kernel where it can, else through Python."""
     out.flush()
-    src_fd, out_fd = src.fileno(), out.fileno()
     done = 0
-    try:
-        while done < length:
-            n = os.copy_file_range(src_fd, out_fd, min(COPY_CHUNK, length - done), offset + done,
-                                   out_offset + done)
-            if n == 0:
-                raise OSError(f"{src.name}: ended {length - done} bytes early while copying the tensor data")
-            done += n
-    except (AttributeError, OSError) as err:  # no copy_file_range here (or across these filesystems)
-        if isinstance(err, OSError) and "ended" in str(err):
-            raise
-        src.seek(offset + done)
-        out.seek(out_offset + done)
-        while done < length:
-            chunk = src.read(min(64 << 20, length - done))
-            if not chunk:
-                raise OSError(f"{src.name}: ended {length - done} bytes early while copying the tensor data") from None
-            out.write(chunk)
-            done += len(chunk)
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < length:
+                n = os.copy_file_range(src.fileno(), out.fileno(), min(COPY_CHUNK, length - done), offset + done,
+                                       out_offset + done)
+                if n == 0:  # end of src: the check below names it
+                    break
+                done += n
+        except OSError:  # EXDEV, ENOSYS, EINVAL: not between these files here; the rest goes through Python
+            pass
+    src.seek(offset + done)
+    out.seek(out_offset + done)
+    while done < length:
+        chunk = src.read(min(64 << 20, length - done))
+        if not chunk:
+            raise MetadataError(f"{src.name}: ended {length - done} bytes early while copying the tensor data")
+        out.write(chunk)
+        done += len(chunk)
 
 
 def _check(tmp: Path, old: GGUFHeader, data_start: int) -> None:
