@@ -11,7 +11,7 @@ LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CPP_CFLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_CPP_WHEELS := $(HOME)/.cache/so8t-export/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-no-amx
 
-.PHONY: install demo test
+.PHONY: install demo test mutants
 
 # torch first, pinned: pip then takes the CPU build on this machine's disk, and no dependency can pull a CUDA
 # torch. The llama-cpp-python build takes ~8 min on 2 cores the first time; the folder above keeps it.
@@ -30,3 +30,7 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# Deliberate breakages of the rotation code, each of which the fast tests must catch (tests/mutants.py).
+mutants: install
+	$(PYTHON) tests/mutants.py

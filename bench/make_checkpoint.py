@@ -13,9 +13,9 @@ vocab 151936, tied embeddings (no lm_head.weight).
   `quantization_config = {activation_scheme: dynamic, fmt: e4m3, quant_method: fp8, weight_block_size: [128, 128]}`.
 - bf16 folder: the same weights dequantised (w_fp8 * scale_inv) to bf16, 3 shards, no quantization_config.
 
-Weights are N(0, 0.02) from a seeded generator per tensor, norms are 1. Everything is written streaming: the
-safetensors headers are computed up front and each tensor is generated, quantised and appended on its own, so
-memory stays at about one tensor (the embedding is generated in row chunks).
+Weights are N(0, 0.02) from a seeded generator per tensor, norm gains ~ U(0.5, 2). Everything is written
+streaming: the safetensors headers are computed up front and each tensor is generated, quantised and appended
+on its own, so memory stays at about one tensor (the embedding is generated in row chunks).
 
 The tokenizer is so8t_export.demo's small Qwen-style BPE (tokenizer.json + tokenizer_config.json with the
 chat template); config.vocab_size = 151936 and the GGUF writers pad the missing ids with [PAD{i}], as they do
@@ -247,8 +247,8 @@ def make(out: Path) -> tuple[Path, Path]:
     items = layout()
     for idx, (name, shape, kind) in enumerate(items):
         g = torch.Generator().manual_seed(SEED * 100003 + idx)
-        if kind == "norm":
-            t = torch.ones(shape, dtype=torch.bfloat16)
+        if kind == "norm":  # gains far from 1, as trained models have (with unit gains norm(Bx) = B norm(x))
+            t = (0.5 + 1.5 * torch.rand(shape, generator=g)).to(torch.bfloat16)
             w8.write(name, _bytes(t))
             w16.write(name, _bytes(t))
         elif kind == "embed":

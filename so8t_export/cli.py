@@ -118,16 +118,21 @@ def inspect_command(gguf_file: Path) -> None:
               help="Prompts: a .json list of strings, or a text file with one prompt per line.")
 @click.option("--greedy-tokens", default=64, show_default=True, type=click.IntRange(min=0),
               help="Greedy tokens compared per prompt.")
+@click.option("--dtype", default="f32", show_default=True,
+              type=click.Choice(["f32", "bf16"]),  # parity.REFERENCE_DTYPES' keys (parity imports torch)
+              help="The reference's dtype; bf16 halves its memory (a 4B reference fits in 24 GB) and holds "
+                   "the file to the looser of its own and bf16's thresholds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's and transformers' log lines and warnings.")
 @user_errors
-def parity_command(model_dir: Path, gguf_file: Path, prompts: Path | None, greedy_tokens: int, as_json: bool,
-                   verbose: bool) -> None:
+def parity_command(model_dir: Path, gguf_file: Path, prompts: Path | None, greedy_tokens: int, dtype: str,
+                   as_json: bool, verbose: bool) -> None:
     """Compare the PyTorch reference (MODEL_DIR) with llama.cpp running GGUF_FILE.
 
     Reports tokenisation equality, max abs logit difference, mean and p99 KLD, top-1 and greedy agreement
-    and the safety/authority probability differences; exits 1 when the file type's thresholds fail. A stock
-    qwen3 GGUF (no so8t.* heads) is compared on its logits; the head columns are skipped.
+    and the safety/authority probability differences; exits 1 when the file type's thresholds fail (with
+    --dtype bf16, the looser of those and bf16's). A stock qwen3 GGUF (no so8t.* heads) is compared on its
+    logits; the head columns are skipped.
     """
     from .logs import configure_logging, quiet_llama_cpp
     from .runtime import LlamaError
@@ -140,7 +145,8 @@ def parity_command(model_dir: Path, gguf_file: Path, prompts: Path | None, greed
         from .parity import read_prompts, run_parity
 
         try:
-            report = run_parity(model_dir, gguf_file, prompts=read_prompts(prompts), greedy_tokens=greedy_tokens)
+            report = run_parity(model_dir, gguf_file, prompts=read_prompts(prompts),
+                                greedy_tokens=greedy_tokens, dtype=dtype)
         except LlamaError as err:
             raise click.ClickException(str(err)) from None
     click.echo(report.to_json() if as_json else report.table())

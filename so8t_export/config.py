@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from dataclasses import dataclass, field
@@ -213,8 +214,10 @@ class SO8TConfig:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(key for key in raw if key.startswith("so8t_") and key not in names)
         if unknown:  # a misspelt flag would silently keep its default
-            known = ", ".join(sorted(n for n in names if n.startswith("so8t_")))
-            raise ConfigError(f"{source}: unknown key {unknown[0]}; expected one of {known}")
+            known = sorted(n for n in names if n.startswith("so8t_"))
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"{source}: unknown key {unknown[0]}; {hint}expected one of {', '.join(known)}")
         config = cls.__new__(cls)
         for f in dataclasses.fields(cls):
             if f.name in names and f.name in raw:

@@ -66,16 +66,19 @@ PLAIN_ADDED_TOKENS = [
 
 MODEL_MAX_LENGTH = 4096
 
-# Sharp init: linear weights ~ N(0, 0.1), token embeddings ~ N(0, 10 * 0.1 = 1.0). With tied embeddings the logits
+# Sharp init: linear weights ~ N(0, 0.1), token embeddings ~ N(0, 16 * 0.1 = 1.6). With tied embeddings the logits
 # are <final RMS-normed hidden (norm 8), embedding row>, so a large embedding makes the softmax peaked. Measured on
 # seed 0 (float32, 2026-11-27) against llama.cpp's q8_0 of the same weights, as (init, multiplier): mean max
 # next-token prob / q8_0 mean KLD: (0.2, 2.5) 0.42 / 3.9e-3; (0.1, 6) 0.76 / 8.5e-4; (0.1, 10) 0.95 / 6.7e-5.
 # Between flat and one-hot the KLD peaks, because llama.cpp also rounds activations to q8_0; we take the
-# peaked end so that greedy comparisons between backends mean something. The HF default 0.02 everywhere
+# peaked end so that greedy comparisons between backends mean something.
+# The random norm gains (NORM_GAIN_LOW..HIGH, since issue 12) flatten it: (0.1, 10) gave 0.86 and q8_0 KLD
+# 4.5e-3; (0.1, 16) gives 0.97 and 1.4e-4 (measured 2026-12-02), close to the old design point. The HF default 0.02 everywhere
 # gives ~0.002, i.e. uniform over ~800 tokens.
 SHARP_INITIALIZER_RANGE = 0.1
-SHARP_EMBED_MULTIPLIER = 10.0
+SHARP_EMBED_MULTIPLIER = 16.0
 FLAT_INITIALIZER_RANGE = 0.02
+NORM_GAIN_LOW, NORM_GAIN_HIGH = 0.5, 2.0  # RMSNorm gains are drawn uniformly from this range
 
 # A few prompts used to measure sharpness (mean over positions of the max next-token probability).
 SHARPNESS_PROMPTS = [
@@ -324,8 +327,10 @@ def _init_weights(model: torch.nn.Module, std: float, embed_std: float, seed: in
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():  # tied lm_head is the same Parameter, listed once
         if name.endswith("norm.weight"):
-            # RMSNorm gains (input/post-attention/final and Qwen3's per-head q_norm/k_norm): identity, like HF.
-            p.fill_(1.0)
+            # RMSNorm gains (input/post-attention/final and Qwen3's per-head q_norm/k_norm), far from 1 as in
+            # trained models: with unit gains norm(Bx) = B norm(x) for any rotation B, so a rotation applied on
+            # the wrong side of a norm would compute the same thing and no test could tell.
+            p.copy_(NORM_GAIN_LOW + (NORM_GAIN_HIGH - NORM_GAIN_LOW) * torch.rand(p.shape, generator=gen))
         else:
             scale = embed_std if name.endswith("embed_tokens.weight") else std
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * scale)
@@ -376,11 +381,11 @@ def write_tiny_qwen3(
 ) -> Path:
     """Write a complete transformers Qwen3 checkpoint (config, generation config, tokenizer, safetensors).
 
-    Weights are drawn from ``torch.Generator().manual_seed(seed)``: linear weights ~ N(0, initializer_range), norm
-    gains 1. ``sharp=True`` uses initializer_range=0.1 and token embeddings (tied with lm_head) ~ N(0, 1.0), which
-    makes next-token distributions peaked (mean max probability ~0.95 on SHARPNESS_PROMPTS, see the constants'
-    comment); ``sharp=False`` uses N(0, 0.02) everywhere (HF default, nearly uniform
-    outputs). An explicit ``initializer_range`` override replaces 0.1/0.02 (the embedding keeps its multiplier).
+    Weights are drawn from ``torch.Generator().manual_seed(seed)``: linear weights ~ N(0, initializer_range),
+    norm gains ~ U(0.5, 2). ``sharp=True`` uses initializer_range=0.1 and token embeddings (tied with lm_head)
+    ~ N(0, 1.6), which makes next-token distributions peaked (see the constants' comment for the measured
+    sharpness); ``sharp=False`` uses N(0, 0.02) everywhere (HF default, nearly uniform outputs). An explicit
+    ``initializer_range`` override replaces 0.1/0.02 (the embedding keeps its multiplier).
     Same arguments -> byte-identical files.
     """
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -498,7 +503,9 @@ def _lm_examples(tokenizer, conversations: list[dict], heads_rows: list[dict]) -
         prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
         examples.append(_example(tokenizer, prompt, tokenizer.apply_chat_template(messages, tokenize=False)))
     for row in heads_rows:
-        if "messages" in row:  # a raw-text row has no place where the reasoning starts
+        # A raw-text row has no place where the reasoning starts; a response row is a conversation's reply,
+        # taught above.
+        if "messages" in row and "response" not in row:
             messages = row["messages"]
             prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             examples.append(_example(tokenizer, prompt, prompt + _opening(row)))

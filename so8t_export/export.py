@@ -14,6 +14,7 @@ import errno
 import functools
 import gc
 import hashlib
+import importlib.metadata
 import itertools
 import math
 import mmap
@@ -53,8 +54,9 @@ DIRECT_ALIGN = 4096  # buffer address, file offset and length of every O_DIRECT 
 DIRECT_STAGING = 32 << 20
 HASH_BLOCK = 1 << 20  # one reused buffer that stays in cache: the hash runs at sha256's speed (~1.6 GB/s)
 # Relative to the projection's magnitude. Folding an SO8T tensor is exact to float64 rounding (~1e-16); the
-# absorbed check of a Qwen3 source is bounded by the float32 rotation buffers, orthogonal to ~1e-7. A wrong
-# fold (a transposed rotation, a wrong head type) is off by O(1).
+# absorbed check of a Qwen3 source is bounded by the float32 rotation buffers, orthogonal to ~1e-7. Both are
+# measured against the map applied by sparse matrices (fold.fold_error), so a transposed rotation or a swapped
+# mixing order is off by O(1).
 FOLD_TOLERANCE = 1e-9
 ABSORB_TOLERANCE = 1e-6
 PROBE_ROWS = 4
@@ -521,6 +523,30 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, *, quan
                         fold_max_abs_error=folded.max_error, source_sha256=hasher.result, fallbacks=fallbacks)
 
 
+# The gguf-py release whose GGUFWriter internals send_tensor_data_through_direct_file relies on (pyproject.toml
+# pins it; tests/test_export.py compares the result with the plain writer's, byte for byte).
+GGUF_TESTED_VERSION = "0.19.0"
+
+
+def send_tensor_data_through_direct_file(writer: gguf.GGUFWriter, path: Path) -> int:
+    """Once the header, key-values and tensor infos are written, swap the writer's file for a DirectFile at the
+    same offset, so that gguf-py still lays out the tensor data (alignment padding) while we choose how the bytes
+    reach the disk. GGUFWriter has no API for this: it writes through its fout list, which other gguf-py
+    releases may shape differently, so the installed version is checked first. Returns the header's end."""
+    installed = importlib.metadata.version("gguf")
+    if installed != GGUF_TESTED_VERSION:
+        raise ExportError(f"gguf {installed} is installed; expected {GGUF_TESTED_VERSION}, the release whose "
+                          f"GGUFWriter internals the exporter writes through (pip install gguf=={GGUF_TESTED_VERSION})")
+    fout = getattr(writer, "fout", None)
+    if not (isinstance(fout, list) and len(fout) == 1 and hasattr(fout[0], "tell")):
+        raise ExportError(f"gguf {installed}: GGUFWriter.fout is {type(fout).__name__}; expected a list holding the "
+                          "one open output file")
+    header_end = fout[0].tell()
+    fout[0].close()
+    fout[0] = DirectFile(path, header_end)
+    return header_end
+
+
 def _write_gguf(tmp: Path, reader: CheckpointReader, config: SO8TConfig, quant: str, name: str,
                 so8t: list[tuple], jobs: list[TensorJob], folded: FoldedTensors, hasher: _BackgroundHash,
                 progress: Callable[[int, int, str], None] | None) -> None:
@@ -541,9 +567,7 @@ def _write_gguf(tmp: Path, reader: CheckpointReader, config: SO8TConfig, quant: 
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        header_end = writer.fout[0].tell()
-        writer.fout[0].close()  # tensor data goes through DirectFile; gguf-py still lays it out (padding)
-        writer.fout[0] = DirectFile(tmp, header_end)
+        header_end = send_tensor_data_through_direct_file(writer, tmp)
 
         done = 0
         with contextlib.closing(encoded_stream(folded, jobs)) as stream:

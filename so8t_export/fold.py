@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .rotation import RotationPlan, rotate_blocks, rotate_heads, unrotate_heads
+from .rotation import (RotationPlan, map_blocks_by_matrix, map_heads_by_matrices, rotate_blocks, rotate_heads,
+                       unrotate_heads)
 
 _ROTATED = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$")
 
@@ -67,15 +68,17 @@ def fold_error(name: str, so8t_weight: torch.Tensor, folded: torch.Tensor, plan:
                probe: torch.Tensor) -> float:
     """max |SO8T projection - folded projection| on a probe batch [n, in_features].
 
-    The SO8T side takes the model's path (project, then rotate the activations); the folded side is a plain
-    matmul. A transposed rotation or a wrong head type shows up here as an O(1) error.
+    The SO8T side projects and then applies the map by the sparse matrices of rotation.py's checking section,
+    not through the einsum functions the fold itself uses, so a transposed rotation or the two mixings in the
+    wrong order is off by O(1) here. (The head types come from the plan both sides share; tests/test_spec.py
+    checks those against the README.)
     """
     r = role(name)
     if r.side == "rows":
-        reference = rotate_heads(probe @ so8t_weight.T, _heads(plan, r.projection), plan.cross_head,
-                                 plan.within_head_first)
+        reference = map_heads_by_matrices(probe @ so8t_weight.T, _heads(plan, r.projection).double(),
+                                          plan.cross_head, plan.within_head_first)
     elif r.side == "columns":
-        reference = rotate_blocks(probe, plan.mlp[r.layer]) @ so8t_weight.T
+        reference = map_blocks_by_matrix(probe, plan.mlp[r.layer].double()) @ so8t_weight.T
     else:
         reference = probe @ so8t_weight.T
     return (reference - probe @ folded.T).abs().max().item()
@@ -86,20 +89,22 @@ def absorbed_error(name: str, weight: torch.Tensor, plan: RotationPlan, probe: t
     max |W projection|) on a probe batch.
 
     fold(unfold(W)) = W exactly, so a Qwen3 source is exported as W itself; this checks that the SO8T model
-    holding unfold(W) computes W's projection. It is evaluated on the activation side (unfold(W) x = M^T W x
-    for rows, W B^T B x for columns) in one matmul with W, which is never copied or widened: the probe's
-    drift is formed in float64 first.
+    holding unfold(W) computes W's projection. The absorbed side goes through the einsum functions, as loading
+    does (unfold(W) x = M^T W x for rows, W B^T (B x) for columns); the model's rotation is applied as the
+    sparse matrix, so the error is the float32 buffers' orthogonality (~1e-7) when both agree and O(1) when
+    the einsum form transposes a rotation. W is never copied or widened: one matmul with it.
     """
     r = role(name)
     if r.side == "columns":
-        rotation = plan.mlp[r.layer]
-        drift = rotate_blocks(rotate_blocks(probe, rotation), rotation.T) - probe
+        rotation = plan.mlp[r.layer].double()
+        drift = rotate_blocks(map_blocks_by_matrix(probe, rotation), rotation.T) - probe
         projection, drift_projection = (torch.cat([probe, drift]).to(weight.dtype) @ weight.T).split(len(probe))
         return drift_projection.abs().max().item(), projection.abs().max().item()
     projection = (probe.to(weight.dtype) @ weight.T).double()
     if r.side == "rows":
-        heads = _heads(plan, r.projection)
-        reference = rotate_heads(unrotate_heads(projection, heads, plan.cross_head, plan.within_head_first),
-                                 heads, plan.cross_head, plan.within_head_first)
+        heads = _heads(plan, r.projection).double()
+        cross_head = None if plan.cross_head is None else plan.cross_head.double()
+        absorbed = unrotate_heads(projection, heads, cross_head, plan.within_head_first)
+        reference = map_heads_by_matrices(absorbed, heads, cross_head, plan.within_head_first)
         return (reference - projection).abs().max().item(), projection.abs().max().item()
     return 0.0, projection.abs().max().item()

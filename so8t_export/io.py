@@ -93,9 +93,12 @@ def atomic_output(destination: Path, *, prefix: str | None = None) -> Iterator[P
 
     The caller writes the temporary file (any way it likes) inside the block. On leaving the block normally
     the file is fsynced, given destination's mode (or the umask's), renamed, and the folder fsynced; on any
-    exception, KeyboardInterrupt and SystemExit included, the temporary file is removed.
+    exception, KeyboardInterrupt and SystemExit included, the temporary file is removed. A destination that is
+    a symbolic link is followed, as open() would: the file it names is replaced and the link stays a link.
     """
     destination = Path(destination)
+    if destination.is_symlink():
+        destination = Path(os.path.realpath(destination))
     fd, name = tempfile.mkstemp(prefix=prefix or f".{destination.name}.", suffix=".tmp", dir=destination.parent)
     os.close(fd)
     tmp = Path(name)

@@ -140,9 +140,10 @@ def schema_keys(version: int = SCHEMA_VERSION) -> list[str]:
 
 # Largest plausible so8t.fold.max_abs_error. Exports write ~1e-15 from an SO8T checkpoint (float64 fold) and
 # ~1e-7 from a plain Qwen3 checkpoint (bounded by the float32 rotation buffers; 2.1e-7 on the tiny demo model,
-# 1.7e-7 on the 4B layout); the exporter refuses anything above 1e-6 relative to the projection's size. A
-# wrong fold (transposed rotation, wrong head type) is off by O(1). 1e-3 leaves a margin of ~5000x over what
-# real exports write and stays 1000x below a wrong fold.
+# 1.7e-7 on the 4B layout); the exporter refuses anything above 1e-6 relative to the projection's size. The
+# check applies the documented map by sparse matrices, independently of the einsum code that folds, so a
+# transposed rotation or a swapped mixing order is off by O(1). 1e-3 leaves a margin of ~5000x over what real
+# exports write and stays 1000x below such a fold.
 FOLD_ERROR_LIMIT = 1e-3
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _V_U32, _V_I32, _V_F32 = (_V.UINT32,), (_V.INT32,), (_V.FLOAT32,)

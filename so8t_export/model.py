@@ -35,12 +35,35 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """NEOX RoPE tables for positions [B, S]: cos, sin [B, S, D], computed in float32 as transformers does."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+class RopeTable:
+    """cos and sin [positions, D] in float32, built once and grown by doubling, so that a decode step indexes
+    its row instead of recomputing inv_freq and the trigonometry (gpt-fast precomputes them the same way).
+
+    Each entry is the float32 product position * inv_freq followed by cos/sin, exactly the arithmetic of
+    transformers' Qwen3RotaryEmbedding, so a lookup equals computing it on the fly.
+    """
+
+    def __init__(self, head_dim: int, theta: float):
+        self.head_dim, self.theta = head_dim, theta
+        self.cos: torch.Tensor | None = None  # [capacity, D]
+        self.sin: torch.Tensor | None = None
+
+    def lookup(self, positions: torch.Tensor, limit: int, dtype: torch.dtype):
+        """cos, sin [B, S, D] in dtype for positions [B, S], all below limit."""
+        same_device = self.cos is not None and self.cos.device == positions.device
+        if not same_device or self.cos.shape[0] < limit:
+            self._build(max(limit, 2 * self.cos.shape[0] if same_device else 0, 64), positions.device)
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
+    def _build(self, capacity: int, device: torch.device) -> None:
+        # Normal tensors even when the first forward runs under inference_mode: a later training forward
+        # must be able to use them.
+        with torch.inference_mode(False), torch.no_grad():
+            even = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device)
+            inv_freq = 1.0 / (self.theta ** (even.float() / self.head_dim))
+            freqs = torch.arange(capacity, dtype=torch.int64, device=device).float()[:, None] * inv_freq
+            angles = torch.cat([freqs, freqs], dim=-1)  # NEOX: dimension i and i + D/2 share a frequency
+            self.cos, self.sin = angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -51,22 +74,77 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Per-layer key/value tensors [B, K, T, D], grown by concatenation."""
+    """Per-layer keys and values [B, K, T, D] for inference, written into preallocated buffers as gpt-fast
+    does: a decode step copies only its own token, where concatenating copied the whole cache every step
+    (O(T^2) bytes over a generation).
 
-    def __init__(self, num_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
+    max_length fixes the capacity (generate passes prompt + max_new_tokens) and a step past it is an error;
+    without it the buffers are sized by the first update and double when full (amortised O(T) copies).
+    update returns views of the first T positions, so attention never reads the unwritten tail.
+    """
+
+    def __init__(self, num_layers: int, max_length: int | None = None):
+        if max_length is not None and max_length <= 0:
+            raise ValueError(f"KVCache max_length = {max_length}; expected a positive number of tokens")
+        self.max_length = max_length
+        self._keys: list[torch.Tensor | None] = [None] * num_layers  # [B, K, capacity, D]
+        self._values: list[torch.Tensor | None] = [None] * num_layers
+        self._lengths = [0] * num_layers
 
     @property
     def length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+        """Tokens cached (layer 0's count, which a forward updates first)."""
+        return self._lengths[0]
+
+    @property
+    def keys(self) -> list[torch.Tensor | None]:
+        return [None if k is None else k[:, :, :n] for k, n in zip(self._keys, self._lengths)]
+
+    @property
+    def values(self) -> list[torch.Tensor | None]:
+        return [None if v is None else v[:, :, :n] for v, n in zip(self._values, self._lengths)]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        """Append k, v [B, K, S, D] to layer's cache; returns all its keys and values so far, [B, K, T, D]."""
+        start = self._lengths[layer]
+        end = start + k.shape[2]
+        if self._keys[layer] is None or self._keys[layer].shape[2] < end:
+            self._reserve(layer, k, v, end)
+        keys, values = self._keys[layer], self._values[layer]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        self._lengths[layer] = end
+        return keys[:, :, :end], values[:, :, :end]
+
+    def _reserve(self, layer: int, k: torch.Tensor, v: torch.Tensor, needed: int) -> None:
+        old_keys, old_values = self._keys[layer], self._values[layer]
+        if self.max_length is not None:
+            if needed > self.max_length:
+                raise ValueError(f"KVCache holds at most max_length = {self.max_length} tokens; this step "
+                                 f"would make {needed}")
+            capacity = self.max_length
+        else:
+            capacity = max(needed, 2 * old_keys.shape[2] if old_keys is not None else 0)
+        b, heads, _, dim = k.shape
+        self._keys[layer] = k.new_empty(b, heads, capacity, dim)
+        self._values[layer] = v.new_empty(b, heads, capacity, dim)
+        if old_keys is not None:
+            filled = self._lengths[layer]
+            self._keys[layer][:, :, :filled] = old_keys[:, :, :filled]
+            self._values[layer][:, :, :filled] = old_values[:, :, :filled]
+
+
+def rotation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32: in bf16 the 8x8 matrices themselves would be orthogonal only to ~3e-3."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def rotated_heads(projected: torch.Tensor, heads: torch.Tensor, plan: RotationPlan) -> torch.Tensor:
+    """rotate_heads in float32 (float64 stays float64), rounded back once to the activations' dtype, as
+    RMSNorm normalises in float32: a bf16 model then rounds once where stock Qwen3 rounds its projection."""
+    rotated = rotate_heads(projected.to(rotation_dtype(projected.dtype)), heads, plan.cross_head,
+                           plan.within_head_first)
+    return rotated.to(projected.dtype)
 
 
 class SO8TMultiHeadAttention(nn.Module):
@@ -86,9 +164,9 @@ class SO8TMultiHeadAttention(nn.Module):
     def forward(self, x, cos, sin, mask, plan: RotationPlan, cache: KVCache | None, want_weights: bool):
         b, s, _ = x.shape
         # SO8T: rotate each projection's output before q_norm/k_norm and RoPE, where folding stays exact.
-        q = rotate_heads(self.q_proj(x), plan.q_heads, plan.cross_head, plan.within_head_first)
-        k = rotate_heads(self.k_proj(x), plan.kv_heads, plan.cross_head, plan.within_head_first)
-        v = rotate_heads(self.v_proj(x), plan.kv_heads, plan.cross_head, plan.within_head_first)
+        q = rotated_heads(self.q_proj(x), plan.q_heads, plan)
+        k = rotated_heads(self.k_proj(x), plan.kv_heads, plan)
+        v = rotated_heads(self.v_proj(x), plan.kv_heads, plan)
         q = self.q_norm(q.view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)  # [B, H, S, D]
         k = self.k_norm(k.view(b, s, self.num_kv_heads, self.head_dim)).transpose(1, 2)  # [B, K, S, D]
         v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -118,7 +196,8 @@ class SO8TMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, plan: RotationPlan) -> torch.Tensor:
-        x = rotate_blocks(x, plan.mlp[self.layer_idx])  # SO8T: rotate the normed MLP input
+        # SO8T: rotate the normed MLP input, in float32 as rotated_heads does
+        x = rotate_blocks(x.to(rotation_dtype(x.dtype)), plan.mlp[self.layer_idx]).to(x.dtype)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -150,6 +229,8 @@ class SO8TTransformerModel(nn.Module):
         self.layers = nn.ModuleList(SO8TTransformerLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        self.rope = RopeTable(config.head_dim, config.rope_theta)
+        self._plan_cache: tuple | None = None  # (buffers, their versions, flags, plan): see rotation_plan
         # Fixed rotations, saved with the model. Kept in float32 whatever the weights' dtype (see _apply).
         self.register_buffer("triality_rotations", torch.empty(3, 8, 8, dtype=torch.float32))
         self.register_buffer("cross_head_rotation", torch.empty(8, 8, dtype=torch.float32))
@@ -161,6 +242,10 @@ class SO8TTransformerModel(nn.Module):
         # Casting the model to bf16 must not cast the rotations: bf16 would break orthogonality at 1e-3.
         rotations = (self.triality_rotations, self.cross_head_rotation)
         super()._apply(fn, recurse)
+        # A move to another device leaves the cached plan and RoPE table behind: drop them now (rotation_plan
+        # would notice the new buffers anyway) so that the old device's copies are freed.
+        self._plan_cache = None
+        self.rope = RopeTable(self.config.head_dim, self.config.rope_theta)
         if self.triality_rotations.dtype != torch.float32:
             device = self.triality_rotations.device
             self.triality_rotations = rotations[0].to(device=device, dtype=torch.float32)
@@ -168,7 +253,27 @@ class SO8TTransformerModel(nn.Module):
         return self
 
     def rotation_plan(self) -> RotationPlan:
-        return plan_rotations(self.config, self.triality_rotations, self.cross_head_rotation)
+        """The float32 rotations the forward applies, on the buffers' device. Built once and reused by every
+        forward and decode step; rebuilt when what it is made of changes: the buffers replaced
+        (load_state_dict(assign=True), as from_pretrained loads onto the meta device, or .to(device)),
+        written in place (load_state_dict, copy_: their version counters move) or the config's flags edited.
+        Treat its tensors as read-only."""
+        buffers = (self.triality_rotations, self.cross_head_rotation)
+        if any(b.is_inference() for b in buffers):  # no version counter: an in-place write would go unseen
+            return self._build_plan()
+        versions = tuple(b._version for b in buffers)
+        flags = (tuple(self.config.so8t_flags().items()), self.config.num_attention_heads,
+                 self.config.num_key_value_heads, self.config.num_hidden_layers)
+        cached = self._plan_cache
+        if (cached is None or cached[0][0] is not buffers[0] or cached[0][1] is not buffers[1]
+                or cached[1] != versions or cached[2] != flags):
+            self._plan_cache = cached = (buffers, versions, flags, self._build_plan())
+        return cached[3]
+
+    def _build_plan(self) -> RotationPlan:
+        # Normal tensors even under inference_mode, so that a plan cached by generate() serves training too.
+        with torch.inference_mode(False), torch.no_grad():
+            return plan_rotations(self.config, self.triality_rotations, self.cross_head_rotation)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
                 output_hidden_states=False, output_attentions=False):
@@ -176,13 +281,18 @@ class SO8TTransformerModel(nn.Module):
         past = cache.length if cache is not None else 0
         x = self.embed_tokens(input_ids)
         if position_ids is None:
+            # Positions stay below the mask's length or past + s, so the table needs no device sync to size.
             if attention_mask is not None:  # left padding: count only real tokens
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+                positions_below = attention_mask.shape[-1]
             else:
                 position_ids = torch.arange(past, past + s, device=x.device).expand(b, s)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+                positions_below = past + s
+        else:
+            positions_below = int(position_ids.max()) + 1
+        cos, sin = self.rope.lookup(position_ids, positions_below, x.dtype)  # [B, S, D]
         mask = self._mask(b, s, past, attention_mask, x.device, output_attentions)
-        plan = self.rotation_plan().to(x.dtype)
+        plan = self.rotation_plan()  # float32; the layers rotate in float32 and round back to x.dtype
         hidden_states, attentions = [], []
         # Recompute each layer in the backward pass instead of keeping its activations. Not with a KV cache:
         # the recomputation would append to it a second time.
@@ -248,6 +358,10 @@ class SO8TTransformerForCausalLM(nn.Module):
             self.task_head.weight = self.model.embed_tokens.weight
         self.safety_head = nn.Linear(config.hidden_size, 2, bias=True)
         self.authority_head = nn.Linear(config.hidden_size, 2, bias=True)
+        from .generation import GenerationConfig  # generation imports this module
+
+        # generate()'s stop and pad ids; from_pretrained replaces them with generation_config.json's
+        self.generation_config = GenerationConfig.from_model_config(config)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,
@@ -281,10 +395,13 @@ class SO8TTransformerForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, torch_dtype=None, dtype=None,
                         **config_overrides) -> SO8TTransformerForCausalLM:
+        from .generation import GenerationConfig
         from .loading import load_pretrained
 
-        return load_pretrained(model_dir, torch_dtype=dtype if dtype is not None else torch_dtype,
-                               **config_overrides)
+        model = load_pretrained(model_dir, torch_dtype=dtype if dtype is not None else torch_dtype,
+                                **config_overrides)
+        model.generation_config = GenerationConfig.from_pretrained(model_dir, model.config)
+        return model
 
     def save_pretrained(self, model_dir: str | Path, max_shard_bytes: int = 4 << 30) -> None:
         from .loading import save_pretrained

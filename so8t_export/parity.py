@@ -1,7 +1,8 @@
 """Parity: the PyTorch reference against llama.cpp running the exported GGUF, on the same prompts.
 
-The reference is SO8TTransformerForCausalLM loaded from the source checkpoint in float32 (rotations applied
-online); llama.cpp runs the folded file. KLD is KL(reference || llama.cpp) per token, in float64.
+The reference is SO8TTransformerForCausalLM loaded from the source checkpoint in float32 (or bfloat16, so that
+a 4B reference fits in 24 GB; rotations applied online); llama.cpp runs the folded file. KLD is KL(reference
+|| llama.cpp) per token, in float64.
 """
 
 from __future__ import annotations
@@ -46,6 +47,37 @@ THRESHOLDS = {
     "bf16": Thresholds(max_abs_logit=None, mean_kld=5e-3, top1=0.9, greedy=0.25, head_prob=5e-2),
     "q8_0": Thresholds(max_abs_logit=None, mean_kld=1e-3, top1=0.95, greedy=0.5, head_prob=1e-2),
 }
+# The reference's dtypes (parity --dtype). A bf16 reference rounds every weight and activation to bf16 itself,
+# so it cannot certify a file more exactly than a bf16 GGUF is certified: reference_thresholds.
+REFERENCE_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
+def reference_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of a REFERENCE_DTYPES name; ValueError naming the choices otherwise."""
+    try:
+        return REFERENCE_DTYPES[dtype]
+    except (KeyError, TypeError):
+        choices = ", ".join(REFERENCE_DTYPES)
+        raise ValueError(f"reference dtype {dtype!r}; expected one of {choices}") from None
+
+
+def reference_thresholds(file_type: str, dtype: str = "f32") -> Thresholds:
+    """The thresholds a file of file_type is held to against a reference run in dtype.
+
+    f32 reference: THRESHOLDS[file_type]. bf16 reference: for each measure the looser of the file type's and
+    the bf16 file's thresholds, and no max-abs-logit bound (the reference rounds its own logits). A bf16
+    reference is itself about a bf16 file's rounding away from the exact model (README, "Parity"), so it
+    cannot certify any file more exactly than a bf16 file.
+    """
+    own = THRESHOLDS[file_type]
+    if reference_dtype(dtype) == torch.float32:
+        return own
+    bf16 = THRESHOLDS["bf16"]
+    return Thresholds(max_abs_logit=None, mean_kld=max(own.mean_kld, bf16.mean_kld),
+                      top1=min(own.top1, bf16.top1), greedy=min(own.greedy, bf16.greedy),
+                      head_prob=max(own.head_prob, bf16.head_prob))
+
+
 FILE_TYPE_NAMES = {gguf.LlamaFileType.ALL_F32: "f32", gguf.LlamaFileType.MOSTLY_F16: "f16",
                    gguf.LlamaFileType.MOSTLY_BF16: "bf16", gguf.LlamaFileType.MOSTLY_Q8_0: "q8_0"}
 
@@ -71,6 +103,7 @@ class ParityReport:
     kv_cache: str
     rows: list[PromptParity]
     thresholds: Thresholds
+    reference_dtype: str = "f32"  # a REFERENCE_DTYPES key
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -97,7 +130,8 @@ class ParityReport:
         }
 
     def to_json(self) -> str:
-        return json.dumps({"file_type": self.file_type, "kv_cache": self.kv_cache, "passed": self.passed,
+        return json.dumps({"file_type": self.file_type, "kv_cache": self.kv_cache,
+                           "reference_dtype": self.reference_dtype, "passed": self.passed,
                            "failures": self.failures, "notes": self.notes, "aggregate": self.aggregate(),
                            "thresholds": asdict(self.thresholds), "prompts": [asdict(r) for r in self.rows]},
                           indent=2, ensure_ascii=False)
@@ -105,7 +139,8 @@ class ParityReport:
     def table(self) -> str:
         head = f"{'prompt':<28} {'tok':>4} {'tok=':>4} {'max|dlogit|':>11} {'mean KLD':>9} {'p99 KLD':>9} " \
                f"{'top1':>6} {'greedy':>7} {'d safety':>9} {'d author':>9}"
-        lines = [f"parity: {self.file_type} GGUF, {self.kv_cache} KV cache", head, "-" * len(head)]
+        title = f"parity: {self.file_type} GGUF, {self.kv_cache} KV cache, {self.reference_dtype} reference"
+        lines = [title, head, "-" * len(head)]
         for r in self.rows:
             label = r.prompt.replace("\n", "\\n")[:28]
             lines.append(f"{label:<28} {r.tokens:>4} {'yes' if r.tokens_equal else 'NO':>4} {r.max_abs_logit:>11.2e} "
@@ -196,17 +231,22 @@ def require_finite_weights(model: torch.nn.Module, model_dir: str | Path) -> Non
 
 @torch.inference_mode()
 def run_parity(model_dir: str | Path, gguf_path: str | Path, *, prompts: list[str] | None = None,
-               greedy_tokens: int = 64, f32_kv_cache: bool | None = None, tokenizer=None) -> ParityReport:
-    """Compare reference and llama.cpp on each prompt; failures list the thresholds that were missed."""
+               greedy_tokens: int = 64, f32_kv_cache: bool | None = None, tokenizer=None,
+               dtype: str = "f32") -> ParityReport:
+    """Compare reference and llama.cpp on each prompt; failures list the thresholds that were missed.
+
+    dtype: the reference's, "f32" or "bf16" (half the memory; held to reference_thresholds).
+    """
+    torch_dtype = reference_dtype(dtype)  # before anything is read
     gguf_path = Path(gguf_path)
     reader = read_gguf_header(gguf_path)  # read once; every check of the file runs before the reference loads
     file_type = gguf_file_type(gguf_path, reader)
     hparams = read_qwen3_hparams(reader, gguf_path)
     has_heads = read_optional_so8t_metadata(reader, gguf_path, hparams) is not None
-    thresholds = THRESHOLDS[file_type]
+    thresholds = reference_thresholds(file_type, dtype)
     prompts = prompts if prompts is not None else list(DEFAULT_PROMPTS)
     tokenizer = tokenizer or load_tokenizer(model_dir)
-    model = SO8TTransformerForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = SO8TTransformerForCausalLM.from_pretrained(model_dir, torch_dtype=torch_dtype)
     require_finite_weights(model, model_dir)
     n_ctx = max(256, max(len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts) + greedy_tokens + 8)
     runtime = SO8TRuntime(gguf_path, n_ctx=n_ctx, f32_kv_cache=f32_kv_cache, reader=reader)
@@ -218,9 +258,9 @@ def run_parity(model_dir: str | Path, gguf_path: str | Path, *, prompts: list[st
         ref_tokens = tokenizer(prompt, add_special_tokens=False).input_ids
         ours = runtime.evaluate(ref_tokens)
         out = model(torch.tensor([ref_tokens]))
-        ref_logits = out.task_logits[0].numpy()
-        ref_safety = softmax(out.safety_logits[0].numpy())
-        ref_authority = softmax(out.authority_logits[0].numpy())
+        ref_logits = out.task_logits[0].float().numpy()  # bf16 -> f32 is exact
+        ref_safety = softmax(out.safety_logits[0].float().numpy())
+        ref_authority = softmax(out.authority_logits[0].float().numpy())
         kld = kl_divergence(ref_logits, ours.logits)
         ref_greedy = model.generate(torch.tensor([ref_tokens]), max_new_tokens=greedy_tokens,
                                     eos_token_id=stops)[0, len(ref_tokens):].tolist()
@@ -235,7 +275,10 @@ def run_parity(model_dir: str | Path, gguf_path: str | Path, *, prompts: list[st
             safety_diff=float(np.abs(ref_safety - ours.safety).max()) if has_heads else None,
             authority_diff=float(np.abs(ref_authority - ours.authority).max()) if has_heads else None,
         ))
-    report = ParityReport(file_type, "F32" if f32_kv_cache else "F16", rows, thresholds)
+    report = ParityReport(file_type, "F32" if f32_kv_cache else "F16", rows, thresholds, dtype)
+    if dtype != "f32":
+        report.notes.append(f"{dtype} reference (itself rounded): the file is held to the looser of its own "
+                            "and bf16's thresholds, without a max-abs-logit bound")
     if not has_heads:
         report.notes.append(f"{gguf_path} has no so8t.* metadata (a stock qwen3 GGUF): logits compared, "
                             "safety/authority head columns skipped")

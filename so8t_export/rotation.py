@@ -109,3 +109,54 @@ def rotate_blocks(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """x -> blockdiag(R, R, ...) x over the last axis, in 8-dim blocks."""
     blocks = x.reshape(*x.shape[:-1], -1, BLOCK)
     return (blocks @ rotation.to(x.dtype).T).reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------- checking
+# The same maps as explicit sparse matrices, placed entry by entry from the layout the README documents
+# (row = output coordinate, x -> M x). The einsum functions above are fast but could transpose a rotation or
+# swap the order without anything noticing: the model and the fold share them, and loading a Qwen3 absorbs
+# whatever orthogonal map they apply. The export checks every fold against these instead.
+def _sparse(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
+    indices = torch.stack([rows.reshape(-1), cols.reshape(-1)])
+    return torch.sparse_coo_tensor(indices, values.reshape(-1), (size, size), check_invariants=True)
+
+
+def within_heads_matrix(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[H*D, H*D]: entry (h*D + 8b + i, h*D + 8b + j) = R_h[i, j] for each head h and block b."""
+    num_heads = heads.shape[0]
+    h, b, i, j = torch.meshgrid(torch.arange(num_heads), torch.arange(head_dim // BLOCK), torch.arange(BLOCK),
+                                torch.arange(BLOCK), indexing="ij")
+    start = h * head_dim + b * BLOCK
+    return _sparse(start + i, start + j, heads[h, i, j], num_heads * head_dim)
+
+
+def across_heads_matrix(cross_head: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    """[H*D, H*D]: entry ((8g + i)*D + d, (8g + j)*D + d) = C[i, j] for each group g and coordinate d."""
+    g, d, i, j = torch.meshgrid(torch.arange(num_heads // BLOCK), torch.arange(head_dim), torch.arange(BLOCK),
+                                torch.arange(BLOCK), indexing="ij")
+    return _sparse((g * BLOCK + i) * head_dim + d, (g * BLOCK + j) * head_dim + d, cross_head[i, j],
+                   num_heads * head_dim)
+
+
+def map_heads_by_matrices(x: torch.Tensor, heads: torch.Tensor, cross_head: torch.Tensor | None,
+                          within_head_first: bool = True) -> torch.Tensor:
+    """rotate_heads on each row of x [n, H*D], by the sparse matrices."""
+    head_dim = x.shape[-1] // heads.shape[0]
+    within = within_heads_matrix(heads, head_dim)
+    if cross_head is None:
+        return _apply(within, x)
+    across = across_heads_matrix(cross_head.to(heads.dtype), heads.shape[0], head_dim)
+    first, second = (within, across) if within_head_first else (across, within)
+    return _apply(second, _apply(first, x))
+
+
+def map_blocks_by_matrix(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """rotate_blocks on each row of x [n, dim], by the sparse matrix: entry (8b + i, 8b + j) = R[i, j]."""
+    b, i, j = torch.meshgrid(torch.arange(x.shape[-1] // BLOCK), torch.arange(BLOCK), torch.arange(BLOCK),
+                             indexing="ij")
+    return _apply(_sparse(b * BLOCK + i, b * BLOCK + j, rotation[i, j], x.shape[-1]), x)
+
+
+def _apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x -> M x on each row of x [n, dim]."""
+    return torch.sparse.mm(matrix, x.T.to(matrix.dtype)).T

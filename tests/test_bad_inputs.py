@@ -945,8 +945,8 @@ def _b_out_char_device(ctx):
     model, out = _model_and_out(ctx)
     try:
         os.mknod(out, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # our own null device node
-    except (PermissionError, OSError) as err:
-        pytest.skip(f"cannot create a device node here: {err}")
+    except OSError:  # not privileged: a link to the system's null device is refused the same way
+        out.symlink_to("/dev/null")
     return export_inv(ctx, model, out=out)
 
 

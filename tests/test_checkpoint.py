@@ -1,12 +1,13 @@
 """Checkpoint IO: sharded and FP8 sources, the SO8T round trip, dtypes, and bad input."""
 
 import json
-import math
 import shutil
 
+import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import FP8_BLOCK, decode_e4m3fn, numpy_dequant, skip_or_fail
 from safetensors.torch import load_file, save_file
 
 from so8t_export.checkpoint import CheckpointError, CheckpointReader
@@ -16,7 +17,6 @@ from so8t_export.model import SO8TTransformerForCausalLM
 from so8t_export.triality import RotationError
 
 TOKENS = torch.arange(3, 40).view(1, -1)
-from conftest import FP8_BLOCK
 
 
 def logits(model):
@@ -24,16 +24,41 @@ def logits(model):
         return model(TOKENS)
 
 
-def numpy_dequant(weight_fp8: torch.Tensor, scale: torch.Tensor, block) -> np.ndarray:
-    """Independent reference: loop over the blocks in numpy."""
-    w = weight_fp8.to(torch.float32).numpy().astype(np.float64)
-    s = scale.to(torch.float32).numpy().astype(np.float64)
-    out = np.empty_like(w)
-    for i in range(math.ceil(w.shape[0] / block[0])):
-        for j in range(math.ceil(w.shape[1] / block[1])):
-            rows, cols = slice(i * block[0], (i + 1) * block[0]), slice(j * block[1], (j + 1) * block[1])
-            out[rows, cols] = w[rows, cols] * s[i, j]
-    return out.astype(np.float32)
+# ------------------------------------------------------------------------------------------------- FP8
+# The reference (conftest.numpy_dequant) decodes e4m3 from its bit fields; first it is checked against two
+# other implementations, torch's float8_e4m3fn and llama.cpp's converter, then the reader against it.
+def test_the_e4m3_decoder_agrees_with_torch_on_every_byte():
+    raw = np.arange(256, dtype=np.uint8)
+    ours = decode_e4m3fn(raw)
+    torchs = torch.from_numpy(raw).view(torch.float8_e4m3fn).to(torch.float64).numpy()
+    assert np.array_equal(ours, torchs, equal_nan=True)
+    assert np.isnan(ours).sum() == 2 and not np.isinf(ours).any()  # 0x7F and 0xFF; e4m3fn has no infinities
+    assert ours[0x38] == 1.0 and ours[0xB8] == -1.0 and ours[0x7E] == 448.0 and ours[0x01] == 2.0**-9
+    assert ours[0x08] == 2.0**-6 and ours[0x07] == 7 / 8 * 2.0**-6  # smallest normal, largest subnormal
+
+
+def test_the_independent_dequantisation_is_llama_cpps(fp8_dir, tmp_path):
+    """llama.cpp's converter dequantises fp8_dir itself (--outtype f32): every FP8 weight is numpy_dequant's,
+    bit for bit, edge blocks included."""
+    from upstream import convert
+
+    try:
+        result = convert(fp8_dir, tmp_path / "converter-f32.gguf", "--outtype", "f32")
+    except Exception as err:  # the sdist could not be fetched or unpacked
+        skip_or_fail(f"llama.cpp's converter is not available: {err}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    raw = load_file(str(fp8_dir / "model.safetensors"))
+    config = json.loads((fp8_dir / "config.json").read_text())
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, config["num_hidden_layers"])
+    written = {t.name: t for t in gguf.GGUFReader(tmp_path / "converter-f32.gguf").tensors}
+    fp8 = [n for n, t in raw.items() if t.dtype == torch.float8_e4m3fn]
+    assert len(fp8) == 14  # 7 projections x 2 layers
+    for name in fp8:
+        tensor = written[names.get_name(name, try_suffixes=(".weight",))]
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.F32, name
+        scale = raw[name.removesuffix(".weight") + ".weight_scale_inv"]
+        expected = numpy_dequant(raw[name], scale, FP8_BLOCK)
+        assert np.array_equal(np.asarray(tensor.data).reshape(expected.shape), expected), name
 
 
 def test_fp8_loads_to_the_independent_dequantisation(fp8_dir):
@@ -49,6 +74,15 @@ def test_fp8_loads_to_the_independent_dequantisation(fp8_dir):
         rows = reader.shape(name)[0]
         chunks = torch.cat([reader.read(name, rows=slice(start, start + 37)) for start in range(0, rows, 37)])
         assert chunks.shape[0] == rows and np.array_equal(chunks.numpy(), expected)
+
+
+def test_the_dense_copy_is_the_fp8_checkpoints_values(fp8_dir, fp8_dense_dir):
+    """fp8_dense_dir (written without the reader) holds the same tensors as the reader reads from fp8_dir."""
+    reader, dense = CheckpointReader(fp8_dir), load_file(str(fp8_dense_dir / "model.safetensors"))
+    assert sorted(dense) == sorted(reader.names())
+    for name, tensor in dense.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, reader.read(name)), name
+    assert "quantization_config" not in json.loads((fp8_dense_dir / "config.json").read_text())
 
 
 def test_fp8_model_equals_model_from_dequantised_weights(fp8_dir, fp8_dense_dir):

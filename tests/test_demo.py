@@ -143,14 +143,17 @@ def test_loads_with_transformers(ckpt, hf_tok):
     with torch.no_grad():
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], model.config.vocab_size)
-    assert torch.isfinite(logits).all() and logits.abs().max() < 100
+    assert torch.isfinite(logits).all()
+    # Norm gains far from 1, so that a rotation on the wrong side of a norm changes the function (issue 12).
+    gains = torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith("norm.weight")])
+    assert demo.NORM_GAIN_LOW <= gains.min() and gains.max() < demo.NORM_GAIN_HIGH and gains.std() > 0.3
 
 
 def test_sharpness(ckpt, tmp_path):
     sharp = demo.mean_max_prob(ckpt)
-    assert sharp >= 0.3, sharp
+    assert 0.9 <= sharp <= 0.99, sharp  # 0.966 measured on seed 0
     flat = demo.mean_max_prob(demo.write_tiny_qwen3(tmp_path / "flat", seed=0, sharp=False))
-    assert flat < 0.05, flat
+    assert flat < 0.005, flat  # 0.0026 measured: uniform over ~400 tokens
 
 
 def test_sharded_write(ckpt, tmp_path):
@@ -189,5 +192,6 @@ def test_bf16(tmp_path):
     out = demo.write_tiny_qwen3(tmp_path / "bf16", seed=0, dtype=torch.bfloat16)
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable) == {"BF16"}
-    assert demo.mean_max_prob(out) >= 0.3
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    assert dtypes == {"BF16"}
+    assert 0.9 <= demo.mean_max_prob(out) <= 0.99  # 0.966 measured on seed 0 in float32

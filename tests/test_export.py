@@ -117,15 +117,29 @@ def test_tensor_data_through_direct_file_is_what_gguf_writer_writes(tmp_path, mo
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         if kind == "direct":
-            end = writer.fout[0].tell()
-            assert end % export.DIRECT_ALIGN
-            writer.fout[0].close()
-            writer.fout[0] = export.DirectFile(path, end)
+            assert export.send_tensor_data_through_direct_file(writer, path) % export.DIRECT_ALIGN
         for array in arrays.values():
             writer.write_tensor_data(array if kind == "plain" else _FileObjectArray(array))
         writer.close()
         files[kind] = path.read_bytes()
     assert files["direct"] == files["plain"]
+
+
+def test_another_gguf_release_is_refused(so8t_dir, tmp_path, monkeypatch):
+    real_version = export.importlib.metadata.version
+    monkeypatch.setattr(export.importlib.metadata, "version",
+                        lambda name: "0.99.0" if name == "gguf" else real_version(name))
+    with pytest.raises(ExportError, match=r"gguf 0\.99\.0 is installed; expected 0\.19\.0, .*pip install gguf==0\.19\.0"):
+        export_gguf(so8t_dir, tmp_path / "out.gguf", quant="f32")
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_pinned_gguf_is_the_one_the_exporter_checks():
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert f"gguf=={export.GGUF_TESTED_VERSION}" in pyproject["project"]["dependencies"]
 
 
 @pytest.mark.parametrize("errno_", [errno.ENOSPC, errno.EINVAL], ids=["disk-full", "einval-everywhere"])

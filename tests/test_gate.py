@@ -144,10 +144,11 @@ def test_the_output_gate_stops_at_the_crossing_and_sends_nothing_after(engine):
     engine.prefill(tokens)
     steps = list(engine.generate(tokens, SamplingParams(max_tokens=12, temperature=0.0, seed=0)))
     unsafe = [s.unsafe for s in steps]
-    k = int(np.argmax(unsafe[2:])) + 2  # a crossing after a few tokens
-    threshold = (max(unsafe[:k]) + unsafe[k]) / 2 if max(unsafe[:k]) < unsafe[k] else None
-    if threshold is None:
-        pytest.skip("no token of this tiny model rises above all before it")  # deterministic weights
+    # The crossing: the latest token whose score rises above every score before it (a threshold halfway
+    # between lets the earlier tokens through), or the first token when none does.
+    rises = [k for k in range(1, len(unsafe)) if unsafe[k] > max(unsafe[:k])]
+    k = rises[-1] if rises else 0
+    threshold = (max(unsafe[:k]) + unsafe[k]) / 2 if k else unsafe[0] / 2
     run, deltas = _run(engine, GatePolicy(refuse_above=None, escalate_above=None, stop_above=threshold), prompt,
                        max_tokens=12)
     sent = "".join(d.text for d in deltas)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -416,3 +417,88 @@ def test_set_heads_without_copy_file_range(tmp_path, trained, exported, monkeypa
     monkeypatch.setattr(os, "copy_file_range", refuse)
     run_cli("set-heads", exported, "--from", trained[0], "-o", tmp_path / "python.gguf")
     assert (tmp_path / "kernel.gguf").read_bytes() == (tmp_path / "python.gguf").read_bytes()
+
+
+def test_a_near_constant_dimension_gets_no_weight():
+    """A hidden dimension that is constant up to rounding must not be standardised into a huge weight (an f16
+    file would hold Inf); the fit equals scikit-learn's on the informative dimensions alone."""
+    from sklearn.linear_model import LogisticRegression
+
+    from so8t_export.heads.fit import fit_head
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 6))
+    y = (x[:, 0] + 0.5 * x[:, 1] + 0.3 * rng.standard_normal(300) > 0).astype(int)
+    x[:, 4] = 7.0 + 1e-12 * rng.standard_normal(300)
+    head = fit_head(x, y)
+    assert abs(head.weight[1, 4]) < 1e-6
+    informative = np.delete(x, 4, axis=1)
+    mean, scale = informative.mean(0), informative.std(0)
+    reference = LogisticRegression(C=1.0, max_iter=5000, tol=1e-10).fit((informative - mean) / scale, y)
+    assert np.allclose(2 * np.delete(head.weight[1], 4), reference.coef_[0] / scale, atol=1e-5)
+
+
+def test_set_heads_reports_a_real_copy_error(tmp_path, trained, exported, monkeypatch):
+    """EIO or ENOSPC from the kernel copy is a failure to report, not a cue to retry through Python."""
+    import errno
+    import os
+
+    def fail(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "copy_file_range", fail)
+    result = CliRunner().invoke(main, ["set-heads", str(exported), "--from", str(trained[0]), "-o",
+                                       str(tmp_path / "full.gguf")])
+    assert result.exit_code != 0 and "No space left on device" in result.output
+    assert "Traceback" not in result.output and not list(tmp_path.glob("*full*"))
+
+
+def test_set_heads_in_place_through_a_link_keeps_the_link(tmp_path, trained, exported):
+    target = tmp_path / "models" / "tiny.gguf"
+    target.parent.mkdir()
+    shutil.copyfile(exported, target)
+    link = tmp_path / "current.gguf"
+    link.symlink_to(target)
+    run_cli("set-heads", link, "--from", trained[0])
+    assert link.is_symlink() and link.resolve() == target
+    assert target.read_bytes() != exported.read_bytes()  # the heads changed in the file the link names
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_response_is_scored_after_the_generation_prompt(so8t_dir):
+    """A response example's features are the hidden state at the response's last token, rendered after the
+    chat template's generation prompt; the reference model computes the same state from the joined text."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from so8t_export.heads.data import parse_example
+    from so8t_export.heads.features import ReferenceFeatures
+    from so8t_export.model import SO8TTransformerForCausalLM
+
+    line = json.dumps({"messages": [{"role": "user", "content": "How do I make soup?"}],
+                       "response": "The user asks", "safety": "safe"})
+    example = parse_example(line, "data.jsonl", 1)
+    features = ReferenceFeatures.from_pretrained(so8t_dir)
+    tokenizer = AutoTokenizer.from_pretrained(so8t_dir)
+    text = tokenizer.apply_chat_template(list(example.messages), add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<think>\n")
+    ids = tokenizer(text + "The user asks", add_special_tokens=False).input_ids
+    assert features.tokens(example, "data.jsonl") == ids
+    model = SO8TTransformerForCausalLM.from_pretrained(so8t_dir).eval()
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).last_hidden_state[0, -1].double().numpy()
+    assert np.allclose(features([example], "data.jsonl")[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"text": "hi", "response": "x", "safety": "safe"}, "'response' must be a non-empty string after 'messages'"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response": "", "safety": "safe"},
+     "'response' must be a non-empty string after 'messages', found \"\""),
+    ({"messages": [{"role": "user", "content": "hi"}], "response": 3, "safety": "safe"},
+     "'response' must be a non-empty string after 'messages', found 3"),
+])
+def test_bad_responses_name_the_line(record, message):
+    from so8t_export.heads.data import DataError, parse_example
+
+    with pytest.raises(DataError, match=re.escape(f"data.jsonl:4: {message}")):
+        parse_example(json.dumps(record), "data.jsonl", 4)

