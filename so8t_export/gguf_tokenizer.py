@@ -11,11 +11,35 @@ and compares every field.
   ``TemplateProcessing`` post-processor) and the chat template come from gguf-py's own ``SpecialVocab``,
   which is the converter's code. We only check its inputs first, so that malformed files give one clear line
   instead of an exception inside gguf-py, and check its result against what transformers would do.
-* The token list is the converter's ``get_vocab_base`` loop, computed from tokenizer.json rather than
-  through ``AutoTokenizer`` (loading Qwen's 151k-token tokenizer in transformers costs seconds per export):
-  the model vocabulary with every added token inserted by content; ids below ``vocab_size`` that are missing
-  become ``[PAD{i}]`` / UNUSED; an added token is CONTROL if ``special`` or ``does_token_look_special``,
-  else USER_DEFINED with U+2581 replaced by a space; everything else NORMAL.
+* The token list is the converter's ``get_vocab_base`` loop over what ``AutoTokenizer`` holds, with the one
+  deliberate difference below: ids below ``vocab_size`` that no text has become ``[PAD{i}]`` / UNUSED; an
+  added token is CONTROL if ``special`` or ``does_token_look_special``, else USER_DEFINED; everything else
+  NORMAL. The vocabulary and the added tokens' flags are derived from the files (``_transformers_vocab``)
+  rather than by loading ``AutoTokenizer`` (seconds per export for Qwen's 151k-token tokenizer), following
+  transformers 5: the added tokens come from tokenizer_config.json's ``added_tokens_decoder``
+  (tokenizer.json's list only where it has none) and get their ids from the added vocabulary, so a token
+  whose text is a base token keeps the base id; ``special`` is set by the named and listed special tokens
+  (``additional_special_tokens`` / ``extra_special_tokens``) as well as by the flag.
+* The deliberate difference: for an added token with ``normalized=false`` the converter writes
+  ``tokenizer.decode(tokenizer.encode(text))`` instead of the text, and we write the text. For one added
+  token that is tokenizers' ByteLevel decoder applied to the text: each character of the byte-level alphabet
+  outside printable ASCII (U+00A1-U+00AC, U+00AE-U+0143) becomes the byte it stands for, and the bytes are
+  read as UTF-8 with U+FFFD for what is invalid ('\u0120Hello' -> ' Hello', 'caf\u00e9' -> 'caf\ufffd');
+  all other characters are kept. So the two differ exactly for ``normalized=false`` texts holding such a
+  character (none of Qwen3's added tokens do). We keep the text because llama.cpp matches CONTROL and
+  USER_DEFINED tokens against the raw input, and transformers matches a ``normalized=false`` token against
+  the raw input too: with the converter's text llama.cpp would not find 'caf\u00e9' where transformers does,
+  and would find ' Hello' where transformers does not. The CONTROL/USER_DEFINED verdict is the same for both
+  texts (``does_token_look_special`` looks at ASCII, which the decoder keeps). The cost: llama.cpp detokenises
+  such a token to its text, where transformers' decode gives the decoded bytes.
+* Refused, because no GGUF makes llama.cpp tokenise ordinary text as transformers does: an added token with
+  ``lstrip``, ``rstrip`` or ``single_word`` as transformers ends up holding it (Qwen2Tokenizer clears them on
+  its named and listed special tokens), as llama.cpp has no key for them ("a <tok> b" keeps spaces that
+  transformers strips; "x<tok>y" matches a single_word token that transformers skips); a USER_DEFINED token
+  with U+2581, which the converter writes with spaces (its rule for SentencePiece vocabularies such as
+  Gemma's, whose normaliser turns spaces into U+2581), so llama.cpp would find the token in "a x b" where
+  transformers only matches "\u2581x\u2581"; another ``tokenizer_class``, which builds another tokenizer; and
+  special_tokens_map.json / added_tokens.json beside a tokenizer_config.json without ``added_tokens_decoder``.
 * ``tokenizer.ggml.pre``: the converter looks it up from a hash of token ids, "qwen2" for Qwen's tokenizers.
   Instead the pre-tokenizer *definition* in tokenizer.json is checked to be Qwen2's (NFC, Split on the Qwen2
   regex, ByteLevel without regex or prefix space), which is what llama.cpp's pre "qwen2" implements.
@@ -29,6 +53,7 @@ and compares every field.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +101,8 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> 
         raise TokenizerError(f"{tok_path}: file not found (expected a Hugging Face fast tokenizer.json)")
     tokenizer = read_json(tok_path, "tokenizer.json", TokenizerError)
     _check_qwen2_bpe(tok_path, tokenizer)
-    tokens, toktypes = _token_list(tok_path, tokenizer, vocab_size)
     tokenizer_config = _check_special_vocab_inputs(model_dir, tokenizer)
+    tokens, toktypes = _token_list(tok_path, tokenizer, model_dir, tokenizer_config, vocab_size)
 
     special = gguf.SpecialVocab(model_dir, load_merges=True)
     if not special.merges:
@@ -342,44 +367,219 @@ def _check_qwen2_bpe(path: Path, tokenizer: Any) -> None:
         )
 
 
-def _token_list(path: Path, tokenizer: dict, vocab_size: int) -> tuple[list[str], list[int]]:
-    """``get_vocab_base``: tokens and token types for ids 0..vocab_size-1."""
-    vocab: dict[str, int] = dict(tokenizer["model"]["vocab"])
-    added = tokenizer.get("added_tokens", [])
-    if not isinstance(added, list):
-        raise TokenizerError(f"{path}: key 'added_tokens': expected a list, found {_describe(added)}")
-    added_by_id: dict[int, dict] = {}
-    for i, at in enumerate(added):
+# ------------------------------------------------------------------------ the vocabulary transformers loads
+# transformers 5 (the version the converter runs in tests) decides the added tokens, not tokenizer.json alone.
+NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+QWEN2_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast")  # also what AutoTokenizer picks for model_type qwen3
+BACKEND_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+# Qwen2Tokenizer's keyword defaults, used for a named key that tokenizer_config.json lacks (null stays None).
+QWEN2_NAMED_DEFAULTS = {"eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                        "pad_token": "<|endoftext|>"}
+FLAGS = ("special", "normalized", "lstrip", "rstrip", "single_word")
+
+
+@dataclass(frozen=True)
+class AddedToken:
+    """An added token with the flags transformers ends up holding for it (tokenizers' AddedToken fields)."""
+
+    content: str
+    special: bool = False
+    normalized: bool = True
+    lstrip: bool = False
+    rstrip: bool = False
+    single_word: bool = False
+
+
+class _AddedVocab:
+    """The added vocabulary of a tokenizers BPE tokenizer, as add_tokens fills it.
+
+    An added token keeps the id its text already has (an earlier added token's, else the model vocabulary's);
+    new text gets the next id after both the model vocabulary (counted by entries) and the added ids. Adding a
+    text again replaces its flags, which is how transformers turns a plain added token into a special one.
+    """
+
+    def __init__(self, model_vocab: dict[str, int]):
+        self.model_vocab = model_vocab
+        self.ids: dict[str, int] = {}
+        self.tokens: dict[int, AddedToken] = {}
+
+    def add(self, token: AddedToken) -> None:
+        if not token.content:
+            return
+        token_id = self.ids.get(token.content, self.model_vocab.get(token.content))
+        if token_id is None:
+            size = len(self.model_vocab)
+            token_id = max(size, max(self.ids.values()) + 1) if self.ids else size
+        self.ids[token.content] = token_id
+        self.tokens[token_id] = token
+
+
+def _added_token(where: str, entry: Any) -> AddedToken:
+    """An added-token object of tokenizer.json or tokenizer_config.json (absent flags: tokenizers' defaults)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("content"), str) or any(
+            not isinstance(entry.get(flag, False), bool) for flag in FLAGS):
+        raise TokenizerError(f"{where}: expected an object with a string 'content' and true/false "
+                             f"{', '.join(FLAGS)}, found {_describe(entry)}")
+    is_special = entry.get("special", False)
+    return AddedToken(entry["content"], special=is_special,
+                      normalized=entry.get("normalized", not is_special), lstrip=entry.get("lstrip", False),
+                      rstrip=entry.get("rstrip", False), single_word=entry.get("single_word", False))
+
+
+def _token_value(where: str, value: Any) -> str | AddedToken | None:
+    """A special token named in tokenizer_config.json: null, its text, or an added-token object."""
+    if value is None or isinstance(value, str):
+        return value
+    return _added_token(where, value)
+
+
+def _text(token: str | AddedToken) -> str:
+    return token.content if isinstance(token, AddedToken) else token
+
+
+def _transformers_vocab(model_dir: Path, tok_path: Path, tokenizer: dict,
+                        config: dict) -> tuple[dict[str, int], dict[int, AddedToken]]:
+    """``tokenizer.vocab`` and ``tokenizer.added_tokens_decoder`` of ``AutoTokenizer.from_pretrained``
+    (transformers 5), which is what convert_hf_to_gguf's ``get_vocab_base`` reads. Derived from its behaviour
+    (tests/test_tokenizer_converter.py compares the result with the converter's file and with transformers):
+
+    1. The class: tokenizer_config.json's ``tokenizer_class``; none means Qwen2Tokenizer (model_type qwen3).
+       Qwen2Tokenizer builds its backend from tokenizer.json's vocabulary and merges only; TokenizersBackend
+       (PreTrainedTokenizerFast) loads tokenizer.json, so its ``added_tokens`` go in first, in file order.
+    2. The added tokens handed to the class: tokenizer_config.json's ``added_tokens_decoder`` if it has one
+       (then Qwen2Tokenizer never sees tokenizer.json's list), else tokenizer.json's ``added_tokens``. Without
+       ``added_tokens_decoder`` transformers would also read special_tokens_map.json and added_tokens.json
+       (layouts older than 4.34, with rules of their own): such a folder is refused. The tokens are added in
+       id order, but their ids come from the added vocabulary (``_AddedVocab``), not from the files: an added
+       token whose text is a base token keeps the base id, and the id it was listed under stays empty.
+    3. Special tokens: the named ones (bos_token ... mask_token, Qwen2Tokenizer's defaults for absent keys,
+       any other ``*_token`` string, a dict ``extra_special_tokens``) and the listed ones
+       (``extra_special_tokens``, else ``additional_special_tokens``). An added token whose text is a named
+       one becomes special; named and listed texts not added yet are added as special, non-normalized tokens.
+       Qwen2Tokenizer then adds every named and listed text once more as special, non-normalized and without
+       strip flags, which replaces the flags those tokens had (a listed plain token becomes special).
+    """
+    config_path = model_dir / "tokenizer_config.json"
+    cls = config.get("tokenizer_class")
+    if cls is not None and cls not in QWEN2_CLASSES + BACKEND_CLASSES:
+        raise TokenizerError(f"{config_path}: key 'tokenizer_class': expected one of "
+                             f"{', '.join(QWEN2_CLASSES + BACKEND_CLASSES)} (or none), found "
+                             f"{_describe(cls)}; another class builds another tokenizer from tokenizer.json")
+    qwen2 = cls is None or cls in QWEN2_CLASSES
+    listed = [_added_token(f"{tok_path}: key 'added_tokens[{i}]'", entry)
+              for i, entry in enumerate(tokenizer.get("added_tokens", []))]
+
+    declared: dict[int, AddedToken] = {}
+    if "added_tokens_decoder" in config:
+        table = config["added_tokens_decoder"]
+        if not isinstance(table, dict):
+            raise TokenizerError(f"{config_path}: key 'added_tokens_decoder': expected an object of id -> "
+                                 f"added token, found {_describe(table)}")
+        for key, entry in table.items():
+            if not key.isdigit():
+                raise TokenizerError(f"{config_path}: key 'added_tokens_decoder': expected token ids as "
+                                     f"keys, found {key!r}")
+            declared[int(key)] = _added_token(f"{config_path}: key 'added_tokens_decoder.{key}'", entry)
+    else:
+        for name in ("special_tokens_map.json", "added_tokens.json"):
+            if (model_dir / name).exists():
+                raise TokenizerError(
+                    f"{model_dir / name}: transformers reads this file because {config_path} has no "
+                    f"'added_tokens_decoder' (a layout older than transformers 4.34), and the exporter does "
+                    f"not follow those rules; expected tokenizer_config.json with added_tokens_decoder (save "
+                    f"the tokenizer again with transformers) or no {name}")
+        declared = {entry["id"]: token for entry, token in zip(tokenizer.get("added_tokens", []), listed)}
+
+    # The named special tokens in transformers' order: the standard keys, then the model's own.
+    defaults = QWEN2_NAMED_DEFAULTS if qwen2 else {}
+    named: dict[str, str | AddedToken | None] = {
+        key: _token_value(f"{config_path}: key '{key}'", config[key]) if key in config else defaults.get(key)
+        for key in NAMED_SPECIAL}
+    for key, value in config.items():
+        if key not in NAMED_SPECIAL and key.endswith("_token") and (
+                isinstance(value, str) or isinstance(value, dict) and value.get("__type") == "AddedToken"):
+            named[key] = _token_value(f"{config_path}: key '{key}'", value)
+    extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+    if isinstance(extra, dict):  # names of the model's own special tokens
+        named.update({name: _token_value(f"{config_path}: key 'extra_special_tokens.{name}'", value)
+                      for name, value in extra.items()})
+        extra = []
+    if not isinstance(extra, list):
+        raise TokenizerError(f"{config_path}: key 'extra_special_tokens' (or 'additional_special_tokens'): "
+                             f"expected a list of tokens, found {_describe(extra)}")
+    extra = [_token_value(f"{config_path}: key 'extra_special_tokens[{i}]'", value)
+             for i, value in enumerate(extra)]
+    if any(value is None for value in extra):
+        raise TokenizerError(f"{config_path}: key 'extra_special_tokens': expected tokens, found null")
+    # A standard named text that is a declared token stands for that token, flags and all.
+    by_text = {token.content: token for token in declared.values()}
+    named = {key: by_text.get(value, value) if key in NAMED_SPECIAL and isinstance(value, str) else value
+             for key, value in named.items()}
+    named_texts = {_text(value) for value in named.values() if value}
+    specials = [value for value in [*named.values(), *extra] if value]
+
+    vocab = dict(tokenizer["model"]["vocab"])
+    added = _AddedVocab(vocab)
+    if not qwen2:
+        for token in listed:
+            added.add(token)
+    present = set(added.ids) | set(by_text)
+    for token in [declared[i] for i in sorted(declared)] + [v for v in specials if _text(v) not in present]:
+        if isinstance(token, str):
+            token = AddedToken(token, special=True, normalized=False)
+        elif not token.special and token.content in named_texts:
+            token = replace(token, special=True)
+        added.add(token)
+    if qwen2:
+        for text in dict.fromkeys(_text(value) for value in specials):
+            added.add(AddedToken(text, special=True, normalized=False))
+    vocab.update(added.ids)
+    return vocab, added.tokens
+
+
+def _token_list(path: Path, tokenizer: dict, model_dir: Path, config: dict,
+                vocab_size: int) -> tuple[list[str], list[int]]:
+    """``get_vocab_base``: tokens and token types for ids 0..vocab_size-1 (see the module docstring)."""
+    base: dict[str, int] = tokenizer["model"]["vocab"]
+    added_list = tokenizer.get("added_tokens", [])
+    if not isinstance(added_list, list):
+        raise TokenizerError(f"{path}: key 'added_tokens': expected a list, found {_describe(added_list)}")
+    for i, at in enumerate(added_list):
         if (
             not isinstance(at, dict)
             or not isinstance(at.get("id"), int)
+            or isinstance(at.get("id"), bool)
             or not isinstance(at.get("content"), str)
         ):
             raise TokenizerError(
                 f"{path}: key 'added_tokens[{i}]': expected an object with int 'id' and str 'content', "
                 f"found {_describe(at)}"
             )
-        added_by_id[at["id"]] = at
-    # tokenizer.vocab (transformers get_vocab / tokenizers get_vocab(with_added_tokens=True)): the model vocab
-    # with every added token inserted by content, so an added token overrides a base entry with the same text.
-    for at in added:
-        vocab[at["content"]] = at["id"]
-    added_contents = {at["content"] for at in added}
-
-    ids = list(vocab.values())
-    if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids):
-        bad = next(t for t, i in vocab.items() if not isinstance(i, int) or isinstance(i, bool) or i < 0)
+    bad = next((t for t, i in base.items() if not isinstance(i, int) or isinstance(i, bool) or i < 0), None)
+    if bad is not None:
         raise TokenizerError(
-            f"{path}: key 'model.vocab': expected non-negative int ids, found {bad!r}: {vocab[bad]!r}"
+            f"{path}: key 'model.vocab': expected non-negative int ids, found {bad!r}: {base[bad]!r}"
         )
+    vocab, added = _transformers_vocab(model_dir, path, tokenizer, config)
+    # The ids tokenizer.json lists count too: a file naming ids beyond the embedding is broken, even where
+    # transformers would number its tokens otherwise.
+    ids = [*vocab.values(), *(at["id"] for at in added_list)]
+    if any(i < 0 for i in ids):
+        raise TokenizerError(f"{path}: key 'added_tokens': expected non-negative ids, found {min(ids)}")
     max_id = max(ids, default=-1)
     if max_id >= vocab_size:
         raise TokenizerError(
             f"{path}: tokenizer has {len(vocab)} tokens with ids up to {max_id} (model.vocab + added_tokens), "
             f"expected all ids < vocab_size {vocab_size} (config.json 'vocab_size')"
         )
+    reverse_vocab: dict[int, str] = {}
+    for token, i in vocab.items():
+        if i in reverse_vocab:
+            raise TokenizerError(f"{path}: id {i} is both {reverse_vocab[i]!r} and {token!r} (model.vocab "
+                                 f"and the added tokens as transformers numbers them); expected one text "
+                                 f"per id")
+        reverse_vocab[i] = token
 
-    reverse_vocab = {i: t for t, i in vocab.items()}
     tokens: list[str] = []
     toktypes: list[int] = []
     for i in range(vocab_size):
@@ -388,18 +588,44 @@ def _token_list(path: Path, tokenizer: dict, vocab_size: int) -> tuple[list[str]
             tokens.append(f"[PAD{i}]")
             toktypes.append(gguf.TokenType.UNUSED)
             continue
-        if token in added_contents:
-            # The converter reads added_tokens_decoder[i].special, i.e. the entry for this id.
-            entry = added_by_id.get(i) or next(at for at in added if at["content"] == token)
-            if entry.get("special", False) or does_token_look_special(token):
+        entry = added.get(i)
+        if entry is not None:
+            _check_matching_flags(path, i, entry)
+            # The text as it is, not the converter's decode(encode(text)): see the module docstring.
+            if entry.special or does_token_look_special(token):
                 toktypes.append(gguf.TokenType.CONTROL)
             else:
-                token = token.replace("\u2581", " ")  # converter: pre-normalize user-defined spaces
+                _check_no_metaspace(path, i, token)
                 toktypes.append(gguf.TokenType.USER_DEFINED)
         else:
             toktypes.append(gguf.TokenType.NORMAL)
         tokens.append(token)
     return tokens, toktypes
+
+
+def _check_matching_flags(path: Path, token_id: int, token: AddedToken) -> None:
+    """lstrip/rstrip/single_word: transformers drops the whitespace next to such a token (or ignores it inside
+    a word), and a GGUF has no key for that, so llama.cpp would tokenise ordinary text like "a <tok> b"
+    differently. (Qwen2Tokenizer clears these flags on its named and listed special tokens; see
+    ``_transformers_vocab``.)"""
+    set_flags = " and ".join(f"{flag}=true" for flag in ("lstrip", "rstrip", "single_word")
+                             if getattr(token, flag))
+    if set_flags:
+        raise TokenizerError(
+            f"{path}: added token {token.content!r} (id {token_id}) has {set_flags}; llama.cpp has no such "
+            f"setting (a GGUF has no key for it), so it would keep the whitespace transformers strips around "
+            f"the token (or match it inside words); expected false, as in Qwen3's tokenizer")
+
+
+def _check_no_metaspace(path: Path, token_id: int, token: str) -> None:
+    """U+2581 in a USER_DEFINED token: the converter writes it as a space (its rule for SentencePiece
+    vocabularies such as Gemma's), so llama.cpp would match ordinary text with spaces (" x ") where
+    transformers matches only the U+2581 text; byte-level BPE has no U+2581 normaliser to make them agree."""
+    if "\u2581" in token:
+        raise TokenizerError(
+            f"{path}: plain added token {token!r} (id {token_id}) contains U+2581; a GGUF writes it with "
+            f"spaces ({token.replace(chr(0x2581), ' ')!r}), which llama.cpp would then match in ordinary "
+            f"text where transformers does not; mark it special, or drop the U+2581")
 
 
 def _describe(value: Any, limit: int = 160) -> str:

@@ -2002,7 +2002,7 @@ def test_property_add_tokenizer(request, bases, scratch):
     source = bases["qwen3"]
     tokenizer = json.loads((source / TOK).read_text())
     tok_config = json.loads((source / TOKCFG).read_text())
-    tok_config.pop("added_tokens_decoder", None)  # keeps the examples small; its content is not read
+    tok_config.pop("added_tokens_decoder", None)  # keeps the examples small: tokenizer.json's added tokens then rule
     config = json.loads((source / "config.json").read_text())
     tok_paths = [p for p in _json_paths(tokenizer) if p != ()]
     cfg_paths = [p for p in _json_paths(tok_config) if p != ()]

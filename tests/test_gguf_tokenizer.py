@@ -12,22 +12,17 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from conftest import require_llama_cpp
 
-from so8t_export.gguf_tokenizer import (
-    QWEN2_PRETOKENIZE_REGEX,
-    TokenizerError,
-    add_tokenizer,
-    does_token_look_special,
-)
+from so8t_export.gguf_tokenizer import QWEN2_PRETOKENIZE_REGEX, TokenizerError, add_tokenizer
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
 )
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# Qwen3 marks these added tokens special=false; <|fim_pad|> still becomes CONTROL via does_token_look_special,
-# "\u2581x\u2581" checks the USER_DEFINED U+2581 -> space pre-normalisation.
-PLAIN = ["<tool_call>", "</tool_call>", "<think>", "</think>", "<|fim_pad|>", "\u2581x\u2581"]
+# Qwen3 marks these added tokens special=false; <|fim_pad|> still becomes CONTROL via does_token_look_special.
+PLAIN = ["<tool_call>", "</tool_call>", "<think>", "</think>", "<|fim_pad|>"]
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs away!",
     "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n",
@@ -183,7 +178,6 @@ def test_every_key_value_and_type(tmp_path, tokenizer_json):
         assert tokens[added[text]] == text and toktypes[added[text]] == T.CONTROL
     for text in ["<tool_call>", "</tool_call>", "<think>", "</think>"]:
         assert tokens[added[text]] == text and toktypes[added[text]] == T.USER_DEFINED
-    assert tokens[added["\u2581x\u2581"]] == " x " and toktypes[added["\u2581x\u2581"]] == T.USER_DEFINED
     for i in range(n_tok, VOCAB_SIZE):
         assert tokens[i] == f"[PAD{i}]" and toktypes[i] == T.UNUSED
 
@@ -356,14 +350,8 @@ def test_negative_vocab_size(tmp_path, tokenizer_json):
 @pytest.mark.llama
 def test_llama_cpp_tokenizes_like_hf(tmp_path, tokenizer_json):
     """End to end: llama.cpp reading our keys (gpt2 + pre qwen2) gives the ids of the HF tokenizer."""
-    import os
-
-    try:
-        import llama_cpp
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("llama_cpp is not importable in CI; this test must not be skipped there")
-        pytest.skip("llama_cpp not importable")
+    require_llama_cpp()
+    import llama_cpp
     from tokenizers import Tokenizer
 
     d = _write_dir(tmp_path / "m", tokenizer_json)
@@ -413,4 +401,21 @@ def test_template_post_processor_adding_an_unnamed_token_rejected(tmp_path, toke
     d = _write_dir(tmp_path / "m", tj)
     with pytest.raises(TokenizerError, match=r"key 'post_processor' adds '<\|im_start\|>' before every text.*"
                                              r"names no bos_token"):
+        _add(d)
+
+
+@pytest.mark.parametrize("content, flags, message", [
+    ("\u2581x\u2581", {}, r"plain added token '\u2581x\u2581' \(id \d+\) contains U\+2581"),
+    ("<ls>", {"lstrip": True}, r"added token '<ls>' \(id \d+\) has lstrip=true"),
+    ("<sw>", {"single_word": True, "rstrip": True},
+     r"added token '<sw>' \(id \d+\) has rstrip=true and single_word=true"),
+])
+def test_added_tokens_llama_cpp_cannot_match_rejected(tmp_path, tokenizer_json, content, flags, message):
+    """llama.cpp would tokenise ordinary text unlike transformers (shown in test_tokenizer_converter.py)."""
+    tj = json.loads(json.dumps(tokenizer_json))
+    tj["added_tokens"].append({"id": max(a["id"] for a in tj["added_tokens"]) + 1, "content": content,
+                               "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                               "special": False, **flags})
+    d = _write_dir(tmp_path / "m", tj)
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json: " + message):
         _add(d)

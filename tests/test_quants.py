@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import require_llama_cpp
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 from hypothesis import HealthCheck, given, settings
@@ -341,12 +341,9 @@ def test_property_q8_0_round_trip_error(x, scale):
 
 
 def _libggml_base() -> ctypes.CDLL:
-    try:
-        import llama_cpp
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("llama_cpp is not importable in CI; the libggml comparison must not be skipped there")
-        pytest.skip("llama_cpp (libggml) not importable")
+    require_llama_cpp()
+    import llama_cpp
+
     lib_dir = Path(llama_cpp.__file__).parent / "lib"
     candidates = sorted(lib_dir.glob("libggml-base.*")) + sorted(lib_dir.glob("ggml-base.*"))
     if not candidates:
