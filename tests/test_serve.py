@@ -42,6 +42,12 @@ ESCALATE = "I want to speak to a human manager now."
 HELLO = "Hello there"
 RAW = "Once upon a time"  # a raw /v1/completions prompt
 SPLIT_PROMPT = "What is 2 + 2?"  # sampled hot, a seed makes the tiny model write </think> (searched below)
+# Sampling for the thinking split: so hot that the draw is close to uniform whatever the tiny model's logits
+# (their scale is ~60, so at 5 they are still one-hot), which makes the chance that a 40-token run writes
+# </think> and then an answer depend on the vocabulary (~1/768 a token: ~5% of seeds), not on the weights.
+SPLIT_SAMPLING = {"temperature": 100.0, "top_k": 0, "top_p": 1.0}
+SPLIT_TOKENS = 40
+SPLIT_SEEDS = range(400)  # at ~5% a seed, P(none) ~ 1e-9; the first is found after ~20 runs (~13 ms each)
 MAIN_CTX = 512
 MAIN_BODY_LIMIT = 64 << 10
 SLOW_DELAY = 0.004  # seconds per generated token on the slow server
@@ -495,19 +501,20 @@ def split_seed(reference):
     from so8t_export.serve.gate import GatePolicy
 
     prompt = chat_text(reference, SPLIT_PROMPT)
-    for seed in (209, 222, *range(400)):
-        _, result = direct(reference, GatePolicy.off(), prompt, max_tokens=40, temperature=5.0, top_k=0,
-                           top_p=1.0, seed=seed)
+    for seed in SPLIT_SEEDS:
+        _, result = direct(reference, GatePolicy.off(), prompt, max_tokens=SPLIT_TOKENS, seed=seed,
+                           **SPLIT_SAMPLING)
         if result.reasoning.strip() and result.content.strip():
             return seed, result
-    pytest.fail("no seed in 0..399 makes the tiny model write </think>")
+    pytest.fail(f"no seed in {SPLIT_SEEDS} makes the tiny model write </think> (sampling {SPLIT_SAMPLING})")
 
 
 def test_thinking_split_openai_both_fields(plain, split_seed):
     seed, expected = split_seed
     client = plain.openai()
-    request = chat_body(SPLIT_PROMPT, max_tokens=40, temperature=5.0, top_p=1.0, seed=seed,
-                        extra_body={"top_k": 0})
+    request = chat_body(SPLIT_PROMPT, max_tokens=SPLIT_TOKENS, temperature=SPLIT_SAMPLING["temperature"],
+                        top_p=SPLIT_SAMPLING["top_p"], seed=seed,
+                        extra_body={"top_k": SPLIT_SAMPLING["top_k"]})
     message = client.chat.completions.create(**request).choices[0].message
     assert message.content == expected.content
     assert message.reasoning_content == expected.reasoning and message.reasoning == expected.reasoning
@@ -523,7 +530,7 @@ def test_thinking_split_openai_both_fields(plain, split_seed):
 def test_thinking_split_ollama(plain, split_seed):
     seed, expected = split_seed
     client = plain.ollama(key=None)
-    options = {"temperature": 5.0, "top_k": 0, "top_p": 1.0, "seed": seed, "num_predict": 40}
+    options = {**SPLIT_SAMPLING, "seed": seed, "num_predict": SPLIT_TOKENS}
     messages = [{"role": "user", "content": SPLIT_PROMPT}]
     thinking = client.chat(model="so8t", messages=messages, think=True, options=options)
     assert thinking.message.thinking == expected.reasoning and thinking.message.content == expected.content
@@ -568,28 +575,38 @@ def test_reasoning_field_reasoning_and_gate_errors(strict, reference):
 
 
 # ================================================================================================ output gate
-def _crossing(reference, prompt: str, *, params: dict, max_tokens: int = 40):
-    """A first ungated run on the engine (every token scored): a seed and a token k >= 3 whose P(unsafe)
-    exceeds every score before it by >= 0.05, with text before and after it; the threshold between them."""
+def _crossing(reference, prompt: str, *, max_tokens: int = 40):
+    """A first ungated run on the engine (every token scored): sampling (one of HOT, with a seed) and a token
+    k >= 3 whose P(unsafe) exceeds every score before it by >= 0.05, with text before and after it; the
+    threshold between them. Temperatures are tried in HOT_TEMPERATURES' order, each with CROSSING_SEEDS: the
+    first that varies the tiny model's runs enough wins (at 3 and 5 every seeded chat run of the sharp
+    checkpoint is the greedy one, whose P(unsafe) stays flat)."""
     from so8t_export.serve.engine import SamplingParams
 
-    for seed in range(60):
-        tokens = reference.tokenize(prompt)
-        reference.prefill(tokens)
-        steps = list(reference.generate(tokens, SamplingParams(max_tokens=max_tokens, seed=seed, **params),
-                                        score_every=1))
-        scores = [s.unsafe for s in steps]
-        texts = [s.text for s in steps]
-        if "</think>" in "".join(texts) or len(steps) < max_tokens:
-            continue
-        for k in range(3, len(steps) - 3):
-            before = max(scores[:k])
-            if scores[k] - before >= 0.05 and "".join(texts[:k]).strip() and "".join(texts[k:]).strip():
-                return seed, k, (before + scores[k]) / 2, "".join(texts[:k]), "".join(texts)
-    pytest.fail("no seeded run of the tiny model has a clear P(unsafe) record to stop at")
+    tokens = reference.tokenize(prompt)
+    for temperature in HOT_TEMPERATURES:
+        for seed in CROSSING_SEEDS:
+            sampling = {**HOT, "temperature": temperature, "seed": seed}
+            reference.prefill(tokens)
+            steps = list(reference.generate(tokens, SamplingParams(max_tokens=max_tokens, **sampling),
+                                            score_every=1))
+            scores = [s.unsafe for s in steps]
+            texts = [s.text for s in steps]
+            if "</think>" in "".join(texts) or len(steps) < max_tokens:
+                continue
+            for k in range(3, len(steps) - 3):
+                before = max(scores[:k])
+                if scores[k] - before >= 0.05 and "".join(texts[:k]).strip() and "".join(texts[k:]).strip():
+                    return sampling, k, (before + scores[k]) / 2, "".join(texts[:k]), "".join(texts)
+    pytest.fail(f"no seeded run of the tiny model (temperatures {HOT_TEMPERATURES}, seeds {CROSSING_SEEDS}) "
+                "has a clear P(unsafe) record to stop at")
 
 
-HOT = {"temperature": 3.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+HOT = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}
+# 10: varied but still shaped by the logits (~60% of the seeds have a record to stop at); 100: close to
+# uniform, so varied whatever the weights.
+HOT_TEMPERATURES = (10.0, 100.0)
+CROSSING_SEEDS = range(60)
 
 
 @pytest.mark.parametrize("route", ["completions", "chat"])
@@ -599,10 +616,10 @@ def test_output_gate_stops_the_stream_at_the_crossing_token(models, reference, r
     from so8t_export.serve.gate import GatePolicy
 
     prompt = RAW if route == "completions" else chat_text(reference, SAFE)
-    seed, k, threshold, allowed, full = _crossing(reference, prompt, params=HOT)
+    sampling, k, threshold, allowed, full = _crossing(reference, prompt)
     assert full.startswith(allowed) and len(full) > len(allowed)
     policy = GatePolicy(refuse_above=None, escalate_above=None, stop_above=threshold)
-    request = {"max_tokens": 40, "seed": seed, "temperature": 3.0, "top_p": 1.0, "min_p": 0.0, "top_k": 0}
+    request = {"max_tokens": 40, **sampling}
     with serving(models.gated, policy) as server, server.http() as http:
         if route == "completions":
             body, path = {"prompt": RAW, **request}, "/v1/completions"
@@ -740,22 +757,27 @@ def test_ollama_errors(main):
 
 
 # ================================================================================================ concurrency
-def _stream(server: Server, prompt: str, max_tokens: int, log: dict | None = None) -> tuple[str, str]:
-    """(text, finish_reason) of one streamed /v1/completions request through the openai client. Completions
-    stream the tiny model's text token by token (its chat answers at temperature 0 are white space only, which
-    the thinking split holds until it knows whether a <think> follows)."""
-    text, finish = [], None
+def _stream(server: Server, prompt: str, max_tokens: int, log: dict | None = None) -> tuple[str, str, int]:
+    """(text, finish_reason, completion_tokens) of one streamed greedy /v1/completions request through the
+    openai client (the count from the include_usage chunk). Completions stream the tiny model's text token by
+    token (its chat answers at temperature 0 are white space only, which the thinking split holds until it
+    knows whether a <think> follows)."""
+    text, finish, tokens = [], None, None
     if log is not None:
         log["sent"] = time.perf_counter()
     for chunk in server.openai().completions.create(model="so8t", prompt=prompt, max_tokens=max_tokens,
-                                                    stream=True, temperature=0):
+                                                    stream=True, temperature=0,
+                                                    stream_options={"include_usage": True}):
         if log is not None and "first" not in log:
             log["first"] = time.perf_counter()
-        text.append(chunk.choices[0].text)
-        finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+        if chunk.choices:
+            text.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
     if log is not None:
         log["end"] = time.perf_counter()
-    return "".join(text), finish
+    return "".join(text), finish, tokens
 
 
 def _wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
@@ -776,9 +798,33 @@ def _long_stream(server: Server):
         yield lines
 
 
-def test_concurrent_streams_equal_what_each_returns_alone(slow):
-    prompts = (RAW, "The quick brown fox")
+CONCURRENT_CANDIDATES = (RAW, "The quick brown fox", "Hello, world!", "import torch", "The dog sleeps in")
+
+
+def test_concurrent_streams_equal_what_each_returns_alone(slow, reference):
+    """Two greedy streams sent together equal what each returns alone: the same text, finish reason and
+    token count, so neither was cut short (a cancelled run also finishes "stop") or fed the other's tokens.
+    The prompts are the first two candidates that the engine itself, under the slow server's gate, answers
+    with >= 8 tokens of text (the finish is whatever the tiny model and the gate make of it: max_tokens, end
+    of turn or the output gate; a prompt refused at the input has nothing to stream), so that the two
+    overlap; alone, the server returns exactly that run."""
+    from so8t_export.serve.gate import GatePolicy
+    from so8t_export.serve.openai_api import FINISH_REASONS
+
+    least = 8
+    expected = {}
+    for prompt in CONCURRENT_CANDIDATES:
+        _, result = direct(reference, GatePolicy(), prompt, split_thinking=False, max_tokens=40,
+                           temperature=0.0)
+        if result.completion_tokens >= least and result.content.strip():
+            expected[prompt] = (result.content, FINISH_REASONS[result.finish_reason],
+                                result.completion_tokens)
+        if len(expected) == 2:
+            break
+    assert len(expected) == 2, f"fewer than two of {CONCURRENT_CANDIDATES} give >= {least} tokens of text"
+    prompts = tuple(expected)
     alone = {prompt: _stream(slow, prompt, 40) for prompt in prompts}
+    assert alone == expected
     results, logs = {}, {prompt: {} for prompt in prompts}
     threads = [threading.Thread(target=lambda p=p: results.__setitem__(p, _stream(slow, p, 40, logs[p])))
                for p in prompts]
@@ -787,8 +833,7 @@ def test_concurrent_streams_equal_what_each_returns_alone(slow):
     for thread in threads:
         thread.join(30)
     assert results == alone
-    assert all(finish == "length" and text for text, finish in results.values())
-    # the second was sent while the first streamed (it waited in the queue), and neither was cut short
+    # the second was sent while the first streamed (it waited in the queue), and neither was cut short (above)
     first, second = sorted(logs.values(), key=lambda log: log["first"])
     assert second["sent"] < first["end"]
 
