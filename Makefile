@@ -24,6 +24,8 @@ install:
 	$(PYTHON) -m pip install -q --no-deps --force-reinstall $(LLAMA_CPP_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	$(PYTHON) -m pip install -q -e .
 	@command -v go >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq golang-go >/dev/null; }
+	@cd ollama_template && go mod download github.com/ollama/ollama || { echo "ollama_template/go.mod needs \
+	Go >= 1.26 (a Go >= 1.21 fetches that toolchain itself unless GOTOOLCHAIN=local)" >&2; exit 1; }
 
 demo: install
 	so8t-export demo --output-dir demo-out

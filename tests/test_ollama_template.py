@@ -1,7 +1,10 @@
 """The Ollama TEMPLATE gives the prompts Hugging Face's chat template gives, and so does the GGUF's own template.
 
-Ollama's side is rendered by ollama_template/ (a Go program on the standard library's text/template that feeds
-the template Ollama's data and message handling), built here with `go build`. Hugging Face's side is
+Ollama's side is ollama_template/, a Go program on Ollama's own packages (github.com/ollama/ollama at the
+version its go.mod requires, the Dockerfile's tag): parser.ParseFile and CreateRequest read our Modelfile,
+template.Execute renders the prompt, thinking and tools parse the output, and a little glue repeats the
+unexported steps of Ollama's chat handler. It is built here with `go build` (CGO_ENABLED=0; Go's module and
+build caches keep the download and the build), and its Go tests run here too. Hugging Face's side is
 transformers' apply_chat_template with the real Qwen3-4B-Thinking-2507 template (via so8t_export.demo's
 tokenizer). The deliberate differences listed in so8t_export/modelfile.py are each tested below.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,10 +23,10 @@ from conftest import skip_or_fail
 
 from so8t_export.modelfile import (
     MODEL_NAME,
+    OLLAMA_VERSION,
     TEMPLATE,
     check_modelfile,
     gguf_filename,
-    parse_modelfile,
     render_modelfile,
     write_modelfile,
 )
@@ -177,19 +181,19 @@ REQUIRED = [
 
 
 def to_ollama(messages: list[dict]) -> list[dict]:
-    """HF messages -> the harness's data.Messages (Ollama's api.Message: thinking, tool_calls with an index)."""
+    """HF messages -> an /api/chat body's messages (api.Message: thinking, tool_calls with an index)."""
     out = []
     for m in messages:
-        o = {"Role": m["role"], "Content": m.get("content") or ""}
+        o = {"role": m["role"], "content": m.get("content") or ""}
         if m.get("reasoning_content"):
-            o["Thinking"] = m["reasoning_content"]
+            o["thinking"] = m["reasoning_content"]
         if m.get("tool_calls"):
-            o["ToolCalls"] = [
+            o["tool_calls"] = [
                 {
-                    "Function": {
-                        "Index": i,
-                        "Name": c["function"]["name"],
-                        "Arguments": c["function"]["arguments"],
+                    "function": {
+                        "index": i,
+                        "name": c["function"]["name"],
+                        "arguments": c["function"]["arguments"],
                     }
                 }
                 for i, c in enumerate(m["tool_calls"])
@@ -202,24 +206,41 @@ def to_ollama(messages: list[dict]) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def go_renderer(tmp_path_factory) -> Path:
-    go = shutil.which("go")
-    if go is None:
-        skip_or_fail("the Go toolchain is not installed (Debian: apt-get install golang-go)")
-    out = tmp_path_factory.mktemp("ollama_template") / "ollama_template"
-    env = {**os.environ, "GOTOOLCHAIN": "local", "GOPROXY": "off", "CGO_ENABLED": "0"}
+def go_env(tmp_path_factory) -> dict:
+    """Environment for go build/test: no cgo (Ollama's packages we use are pure Go), Go's own module and build
+    caches (the first build downloads github.com/ollama/ollama through the module proxy; go.sum pins it).
+    GOTOOLCHAIN is the caller's: a Go older than go.mod's fetches the toolchain go.mod names unless it is local."""
+    if shutil.which("go") is None:
+        skip_or_fail("the Go toolchain is not installed (go.mod's github.com/ollama/ollama needs Go >= 1.26)")
+    env = {**os.environ, "CGO_ENABLED": "0"}
+    if "HOME" not in env and "GOPATH" not in env:
+        env["GOPATH"] = str(tmp_path_factory.mktemp("gopath"))
     if "HOME" not in env and "XDG_CACHE_HOME" not in env and "GOCACHE" not in env:
-        env["GOCACHE"] = str(out.parent / "gocache")
+        env["GOCACHE"] = str(tmp_path_factory.mktemp("gocache"))
+    return env
+
+
+@pytest.fixture(scope="session")
+def go_renderer(tmp_path_factory, go_env) -> Path:
+    out = tmp_path_factory.mktemp("ollama_template") / "ollama_template"
     build = subprocess.run(
-        [go, "build", "-buildvcs=false", "-o", str(out), "."],
+        ["go", "build", "-buildvcs=false", "-o", str(out), "."],
         cwd=GO_DIR,
-        env=env,
+        env=go_env,
         check=False,
         capture_output=True,
         text=True,
     )
     assert build.returncode == 0, f"go build failed:\n{build.stderr}"
     return out
+
+
+@pytest.fixture(scope="session")
+def so8t_modelfile(tmp_path_factory) -> Path:
+    """The Modelfile so8t_export writes (the GGUF it names need not exist)."""
+    path = tmp_path_factory.mktemp("modelfile") / "Modelfile"
+    path.write_text(render_modelfile(path.parent / gguf_filename(), path), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -233,13 +254,20 @@ def hf_tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(path)
 
 
+def go_modelfile(binary: Path, *paths: Path) -> list[dict]:
+    cmd = [str(binary), "modelfile", *map(str, paths)]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, encoding="utf-8")
+    assert res.returncode == 0, res.stderr
+    return [json.loads(line) for line in res.stdout.splitlines()]
+
+
 @pytest.fixture(scope="session")
-def modelfile_template() -> str:
-    """The TEMPLATE as Ollama gets it: parsed back out of a rendered Modelfile."""
-    commands = parse_modelfile(render_modelfile("m.gguf", "Modelfile"))
-    (template,) = [c.args for c in commands if c.name == "template"]
-    assert template == TEMPLATE
-    return template
+def ollama_model(go_renderer, so8t_modelfile) -> dict:
+    """The create request Ollama's parser makes of our Modelfile: its TEMPLATE, SYSTEM, MESSAGE lines."""
+    (verdict,) = go_modelfile(go_renderer, so8t_modelfile)
+    assert verdict["ok"], verdict
+    assert verdict["request"]["template"] == TEMPLATE
+    return verdict["request"]
 
 
 def go_run(binary: Path, payload: dict) -> str:
@@ -255,11 +283,12 @@ def go_run(binary: Path, payload: dict) -> str:
     return res.stdout
 
 
-def go_render(binary: Path, template: str, messages: list[dict], tools=None, system: str = "") -> str:
-    data: dict = {"System": system, "Messages": to_ollama(messages)}
+def go_render(binary: Path, model: dict, messages: list[dict], tools=None, system: str = "", **chat) -> str:
+    """Ollama's prompt for an /api/chat request (HF-format messages) to the model of that create request."""
+    body: dict = {"messages": to_ollama(messages), **chat}
     if tools is not None:
-        data["Tools"] = tools
-    return go_run(binary, {"template": template, "data": data})
+        body["tools"] = tools
+    return go_run(binary, {"model": {**model, "system": system}, "chat": body})
 
 
 def hf_render(tok, messages: list[dict], tools=None, *, continue_final: bool = False) -> str:
@@ -290,9 +319,9 @@ def canonical(prompt: str) -> str:
 
 @pytest.mark.go
 @pytest.mark.parametrize("case", list(CASES))
-def test_go_prompt_equals_hf_prompt(case, go_renderer, hf_tokenizer, modelfile_template):
+def test_go_prompt_equals_hf_prompt(case, go_renderer, hf_tokenizer, ollama_model):
     messages, tools = CASES[case]
-    go = go_render(go_renderer, modelfile_template, messages, tools)
+    go = go_render(go_renderer, ollama_model, messages, tools)
     hf = hf_render(hf_tokenizer, messages, tools)
     assert go.endswith("<|im_start|>assistant\n<think>\n")
     if tools is None:
@@ -310,10 +339,10 @@ def test_required_cases_are_covered():
 
 
 @pytest.mark.go
-def test_tool_json_is_go_json(go_renderer, modelfile_template):
+def test_tool_json_is_go_json(go_renderer, ollama_model):
     """Deliberate difference 1, pinned: compact, struct-field order, sorted map keys, <>& escaped, UTF-8 kept."""
     messages, tools = CASES["tool_call_and_result"]
-    go = go_render(go_renderer, modelfile_template, messages, tools)
+    go = go_render(go_renderer, ollama_model, messages, tools)
     assert (
         '\n{"type": "function", "function": {"name":"get_weather","description":"Current weather for a city; '
         'returns °C \\u0026 a short \\u003csummary\\u003e.","parameters":{"type":"object","required":["city"],'
@@ -324,7 +353,7 @@ def test_tool_json_is_go_json(go_renderer, modelfile_template):
 
 
 @pytest.mark.go
-def test_thinking_newline_stripping_is_bounded(go_renderer, hf_tokenizer, modelfile_template):
+def test_thinking_newline_stripping_is_bounded(go_renderer, hf_tokenizer, ollama_model):
     """Deliberate difference 2: one leading/trailing newline is stripped from thinking, Jinja strips all."""
 
     def render_both(reasoning: str):
@@ -339,7 +368,7 @@ def test_thinking_newline_stripping_is_bounded(go_renderer, hf_tokenizer, modelf
             {"role": "tool", "content": "x"},
         ]
         return (
-            go_render(go_renderer, modelfile_template, messages, [TIME_TOOL]),
+            go_render(go_renderer, ollama_model, messages, [TIME_TOOL]),
             hf_render(hf_tokenizer, messages, [TIME_TOOL]),
         )
 
@@ -352,57 +381,74 @@ def test_thinking_newline_stripping_is_bounded(go_renderer, hf_tokenizer, modelf
 
 
 @pytest.mark.go
-def test_final_assistant_message_is_a_prefill(go_renderer, hf_tokenizer, modelfile_template):
+def test_final_assistant_message_is_a_prefill(go_renderer, hf_tokenizer, ollama_model):
     """Deliberate difference 3: equals continue_final_message=True, not add_generation_prompt=True."""
     messages = [
         {"role": "user", "content": "Write a haiku."},
         {"role": "assistant", "content": "Autumn moon"},
     ]
-    go = go_render(go_renderer, modelfile_template, messages)
+    go = go_render(go_renderer, ollama_model, messages)
     assert go == hf_render(hf_tokenizer, messages, continue_final=True)
     assert go.endswith("<think>\n\n</think>\n\nAutumn moon")
     assert go != hf_render(hf_tokenizer, messages)
 
 
 @pytest.mark.go
-def test_ollama_merges_consecutive_messages(go_renderer, hf_tokenizer, modelfile_template):
+def test_ollama_merges_consecutive_messages(go_renderer, hf_tokenizer, ollama_model):
     """Deliberate difference 4: Ollama's collate() merges same-role neighbours (not tool) before templating."""
     messages = [{"role": "user", "content": "Part one."}, {"role": "user", "content": "Part two."}]
-    go = go_render(go_renderer, modelfile_template, messages)
+    go = go_render(go_renderer, ollama_model, messages)
     assert go == hf_render(hf_tokenizer, [{"role": "user", "content": "Part one.\n\nPart two."}])
     assert go != hf_render(hf_tokenizer, messages)
 
 
 @pytest.mark.go
 def test_modelfile_system_is_used_only_without_a_system_message(
-    go_renderer, hf_tokenizer, modelfile_template
+    go_renderer, hf_tokenizer, ollama_model
 ):
     user = [{"role": "user", "content": "Hi"}]
-    go = go_render(go_renderer, modelfile_template, user, system="From the Modelfile.")
+    go = go_render(go_renderer, ollama_model, user, system="From the Modelfile.")
     assert go == hf_render(hf_tokenizer, [{"role": "system", "content": "From the Modelfile."}, *user])
     own = [{"role": "system", "content": "From the request."}, *user]
-    assert go_render(go_renderer, modelfile_template, own, system="From the Modelfile.") == hf_render(
+    assert go_render(go_renderer, ollama_model, own, system="From the Modelfile.") == hf_render(
         hf_tokenizer, own
     )
 
 
 @pytest.mark.go
-def test_ollama_infers_thinking_tools_and_tool_tag(go_renderer, modelfile_template):
-    info = json.loads(go_run(go_renderer, {"template": modelfile_template, "mode": "inspect"}))
-    assert info["messages_mode"] and not info["response_appended"]
+def test_ollama_infers_thinking_tools_and_tool_tag(go_renderer, ollama_model):
+    info = json.loads(go_run(go_renderer, {"model": ollama_model, "mode": "inspect"}))
+    assert info["messages_mode"]
     assert (info["thinking_open"], info["thinking_close"]) == ("<think>", "</think>")
+    # With thinking among them, `ollama run --think` is accepted and chats think by default.
     assert info["capabilities"] == ["tools", "thinking"]
     # Ollama's tool parser waits for this text before it reads a call, instead of the first "{" of the output.
-    assert info["tool_parser_tag"] == "<tool_call>\n"
+    assert info["tool_parser_tag"] == "<tool_call>"
     # Same capabilities as the GGUF's Jinja template plus a tool round trip: Ollama >= 0.30 keeps this TEMPLATE.
     assert info["tool_round_trip"]
+
+
+@pytest.mark.go
+def test_ollama_splits_generated_thinking_from_the_answer(go_renderer, ollama_model):
+    """The prompt ends inside <think>, so the model's text starts as thinking; Ollama splits at </think>."""
+    payload = {
+        "mode": "split",
+        "model": ollama_model,
+        "chat": {"messages": to_ollama(CASES["single_turn"][0])},
+        "output": "Paris is the capital.\n</think>\n\nThe capital of France is Paris.",
+    }
+    split = json.loads(go_run(go_renderer, payload))
+    assert split == {"thinking": "Paris is the capital.\n", "content": "The capital of France is Paris."}
+    payload["chat"]["think"] = False  # no split: the text is all content
+    assert json.loads(go_run(go_renderer, payload)) == {"thinking": "", "content": payload["output"]}
 
 
 @pytest.mark.go
 def test_library_function_field_prints_go_structs(go_renderer):
     """Why the TEMPLATE writes {{ json .Function }}: since Ollama v0.14 .Function has no String() (ollama#14601)."""
     template = "{{ range .Tools }}{{ .Function }}|{{ json .Function }}{{ end }}{{ range .Messages }}{{ end }}"
-    out = go_run(go_renderer, {"template": template, "data": {"Messages": [], "Tools": [TIME_TOOL]}})
+    chat = {"messages": [{"role": "user", "content": "Time?"}], "tools": [TIME_TOOL]}
+    out = go_run(go_renderer, {"model": {"template": template}, "chat": chat})
     struct, js = out.split("|")
     assert struct.startswith("{get_time Local time {object")
     assert json.loads(js) == {
@@ -416,12 +462,85 @@ def test_library_function_field_prints_go_structs(go_renderer):
 def test_harness_reports_template_errors(go_renderer):
     res = subprocess.run(
         [str(go_renderer)],
-        input=json.dumps({"template": "{{ range .Messages }}", "data": {}}),
+        input=json.dumps({"model": {"template": "{{ range .Messages }}"}, "chat": {}}),
         check=False,
         capture_output=True,
         text=True,
     )
     assert res.returncode != 0 and "template error" in res.stderr
+
+
+# ------------------------------------------------------------------------- Ollama's parser on Modelfiles
+
+
+@pytest.mark.go
+def test_modelfile_verdicts_are_ollamas(go_renderer, so8t_modelfile, tmp_path):
+    """The `modelfile` subcommand's JSON lines (the differential test's reference): one per file, in order."""
+    bad_type = tmp_path / "bad_type"
+    bad_type.write_text("FROM ./m.gguf\nPARAMETER num_ctx 4k\n")
+    bad_command = tmp_path / "bad_command"
+    bad_command.write_text("FROM ./m.gguf\nPARAMETERS num_ctx 4096\n")
+    ours, typed, command = go_modelfile(go_renderer, so8t_modelfile, bad_type, bad_command)
+
+    assert ours["file"] == str(so8t_modelfile) and ours["ok"] and "error" not in ours
+    assert ours["commands"][0] == ["model", f"./{gguf_filename()}"]
+    assert ["template", TEMPLATE] in ours["commands"]
+    request = ours["request"]
+    assert request["from"] == f"./{gguf_filename()}"  # relative FROM paths never resolve to a file here
+    params = request["parameters"]  # typed by api.FormatParams; stop collects its lines in order
+    assert params["stop"] == ["<|im_start|>", "<|im_end|>"]
+    assert isinstance(params["num_ctx"], int) and isinstance(params["temperature"], float)
+
+    assert typed == {
+        "file": str(bad_type),
+        "ok": False,
+        "error": "invalid int value [4k]",
+        "commands": [["model", "./m.gguf"], ["num_ctx", "4k"]],
+    }
+    assert not command["ok"] and command["commands"] == []
+    assert command["error"].startswith('(line 2): command must be one of "from"')
+
+
+# ------------------------------------------------------------------ the Go module: pin, tests, no copies
+
+
+@pytest.mark.go
+def test_go_module_pins_the_dockerfiles_ollama():
+    """go.mod is where the Ollama version of the Go checks is pinned; it must be the Dockerfile's tag."""
+    go_mod = (GO_DIR / "go.mod").read_text()
+    (pin,) = re.findall(r"^\s*(?:require\s+)?github\.com/ollama/ollama v(\S+)$", go_mod, re.M)
+    (tag,) = re.findall(r"^FROM ollama/ollama:(\S+)$", (REPO / "Dockerfile").read_text(), re.M)
+    assert pin == tag == OLLAMA_VERSION
+    assert "replace" not in go_mod
+    assert f"github.com/ollama/ollama v{pin} h1:" in (GO_DIR / "go.sum").read_text()
+
+
+@pytest.mark.go
+def test_go_program_uses_ollamas_packages_not_copies():
+    """The Go side is glue: it imports Ollama's packages, never text/template (it renders nothing itself)."""
+    imports = set()
+    for path in GO_DIR.glob("*.go"):
+        if path.name.endswith("_test.go"):
+            continue
+        for block in re.findall(r"^import \(\n(.*?)^\)", path.read_text(), re.M | re.S):
+            imports |= set(re.findall(r'"([^"]+)"', block))
+    ollama = "github.com/ollama/ollama/"
+    assert {ollama + p for p in ("api", "parser", "template", "thinking", "tools")} <= imports
+    assert not imports & {"text/template", "text/template/parse"}
+
+
+@pytest.mark.go
+def test_go_tests_pass(go_env, so8t_modelfile):
+    """ollama_template's Go tests: the glue, our TEMPLATE's capabilities, the thinking and tool-call splits."""
+    res = subprocess.run(
+        ["go", "test", "-count=1", "./..."],
+        cwd=GO_DIR,
+        env={**go_env, "SO8T_MODELFILE": str(so8t_modelfile)},
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 # ---------------------------------------------------------------------------- the GGUF in llama-cpp-python
