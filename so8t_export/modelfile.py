@@ -1,13 +1,18 @@
 """Ollama Modelfile for SO8T: the Go chat TEMPLATE, default PARAMETERs, a renderer and a validator.
 
-The validator is a port of Ollama's own client-side checks, so a Modelfile that passes here is one that
-``ollama create`` accepts:
+The validator is our own description of the Modelfile language that ``ollama create`` reads: the commands,
+quote marks and parameter types are tables (see "The grammar, as data" below) and a small scanner reads a file
+against them. It was written from reading Ollama's parser, and tests/test_modelfile_differential.py holds it
+against Ollama's own ``parser`` and ``api`` packages on a few hundred Modelfiles:
 
-* ``parse_modelfile`` follows ``parser/parser.go: ParseFile`` rune by rune (its state machine, case rules,
-  quoting, comments, BOM handling, dropped non-printable runes and the exact error texts with line numbers);
-* ``check_commands`` follows ``Modelfile.CreateRequest`` and ``api.FormatParams`` (parameter names are the
-  json tags of ``api.Options``, values parsed with Go's ``strconv`` rules; repeated ``stop`` accumulates,
-  any other repeated key keeps the last value; deprecated names only warn; REQUIRES must be semver).
+* ``parse_modelfile`` accepts what ``parser.ParseFile`` accepts and yields the same commands (case rules,
+  quoting, comments, byte order marks, dropped unprintable characters), with Ollama's error texts;
+* ``check_grammar`` adds the request ``ollama create`` builds from them (``Modelfile.CreateRequest``):
+  parameter names are the json tags of ``api.Options``, values are read with Go's ``strconv`` rules, repeated
+  ``stop`` accumulates, any other repeated key keeps the last value, deprecated names only warn, REQUIRES
+  must be semver;
+* ``check_modelfile`` then looks at the files FROM/ADAPTER/DRAFT name, and refuses a FROM that is not there
+  (Ollama would try to pull it from the registry).
 
 Version pin
 -----------
@@ -21,8 +26,8 @@ Ollama runs GGUFs on upstream llama-server:
   llama-cpp-python. (In v0.12-v0.29 Ollama's own Go engine loaded qwen3 instead and silently read a
   mistyped GGUF key as 0, which nothing in our CI would catch.) ``ollama create`` on this era also runs every
   imported GGUF through ``llama-quantize``, so a broken file fails at build time, not at first chat.
-* The Modelfile grammar of this era knows all eleven commands (``draft`` arrived in v0.23.1), so the port
-  below is the full grammar.
+* The Modelfile grammar of this era knows all eleven commands (``draft`` arrived in v0.23.1), so the grammar
+  below is the full one.
 * In this era Ollama picks between a Modelfile's Go TEMPLATE and the GGUF's own Jinja template. Our TEMPLATE
   matches the Jinja template's capabilities (tools with a tool round trip, thinking), so Ollama keeps it, and
   the Dockerfile also sets ``OLLAMA_GO_TEMPLATE=1`` so the choice does not rest on that heuristic.
@@ -65,13 +70,16 @@ Deliberate differences from the Jinja template (all tested in ``tests/test_ollam
 
 from __future__ import annotations
 
-import glob
+import bisect
+import codecs
 import math
 import os
 import re
+import string
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 from .io import PathError, check_output_path, require_regular_file, write_bytes_atomic
@@ -222,9 +230,10 @@ For each function call, return a json object with function name and arguments wi
 class ModelfileError(ValueError):
     """A Modelfile Ollama would reject, or a value the Modelfile grammar cannot express.
 
-    ``message`` is Ollama's own error text where Ollama has one (``ollama_error`` is the exact string the
-    ``ollama`` client prints, which for parser errors already carries ``(line N): ``); ``line`` is the 1-based
-    line it refers to, counted the way Ollama counts (see ``parse_modelfile``); ``hint`` says how to fix it.
+    ``message`` is the text Ollama prints for the same problem where it has one, so users can search for
+    it; ``ollama_error`` is the exact string the ``ollama`` client prints (for syntax errors it carries
+    Ollama's own ``(line N): `` prefix, with Ollama's way of counting lines). ``line`` is ours: the 1-based
+    line, as an editor counts it, on which the offending command starts. ``hint`` says how to fix it.
     """
 
     def __init__(
@@ -243,375 +252,520 @@ class ModelfileError(ValueError):
 
 @dataclass(frozen=True)
 class Command:
-    """One Modelfile command as Ollama's parser produces it.
+    """One parsed Modelfile command, named the way Ollama's request builder dispatches on it.
 
-    ``name`` is ``model`` for FROM, the lowercased command word otherwise, and the case-sensitive parameter name
-    for PARAMETER. MESSAGE args are ``"role: text"``. ``line`` (where the command word starts) is not part of
-    equality, so parsed commands compare equal to ones built by hand.
+    ``name`` is ``model`` for FROM, the parameter name (case kept) for PARAMETER, and the lowercased keyword
+    otherwise. MESSAGE args are ``"role: text"``. ``line`` (where the keyword starts) and ``keyword`` (the
+    lowercased command word as written, e.g. ``parameter``) are not part of equality, so parsed commands
+    compare equal to ones built by hand.
     """
 
     name: str
     args: str
     line: int = field(default=0, compare=False)
+    keyword: str = field(default="", compare=False)
 
 
 # --------------------------------------------------------------------------------------------------------
-# parser.ParseFile
+# The grammar, as data
 # --------------------------------------------------------------------------------------------------------
+#
+# A Modelfile is a sequence of commands; blanks, line ends and comment lines may come between them:
+#
+#     command  :=  KEYWORD SEP [HEAD SEP] VALUE
+#     comment  :=  "#" ... up to the end of the line (only where a command could start)
+#
+# KEYWORD is a word from GRAMMAR in any case, SEP is exactly one space or tab, HEAD is the word some
+# keywords take before the value (PARAMETER's name, MESSAGE's role), and VALUE is the rest of the line, or
+# several lines when it is quoted (QUOTES). Every CR and every LF ends a line on its own (so CRLF is a line
+# end and an empty line). Characters Go's strconv.IsPrint calls unprintable are dropped wherever they
+# appear, except the blanks and line ends that the rules below keep. This is the language Ollama 0.32.15's
+# parser accepts, oddities included; tests/test_modelfile_differential.py holds it against that parser on
+# a few hundred Modelfiles.
 
-COMMANDS = (
-    "from",
-    "license",
-    "template",
-    "system",
-    "adapter",
-    "draft",
-    "renderer",
-    "parser",
-    "parameter",
-    "message",
-    "requires",
-)
+BLANKS = " \t"
+LINE_ENDS = "\r\n"
+COMMENT = "#"
+LETTERS = string.ascii_letters
+
+# Quote marks, tried in this order. There are no escape sequences and no single quotes. A quoted value ends at
+# the first line end where the line, less trailing blanks, ends in the same mark, and the opening and closing
+# marks do not overlap (`"""` alone on a line opens a value, it does not close one).
+QUOTES = ('"""', '"')
+
 MESSAGE_ROLES = ("system", "user", "assistant")
 
-ERR_INVALID_COMMAND = 'command must be one of "from", "license", "template", "system", "adapter", "draft", "renderer", "parser", "parameter", "message", or "requires"'
-ERR_INVALID_MESSAGE_ROLE = 'message role must be one of "system", "user", or "assistant"'
+
+def _one_of(words: Sequence[str]) -> str:
+    quoted = [f'"{w}"' for w in words]
+    return ", ".join(quoted[:-1]) + f", or {quoted[-1]}"
+
+
+# Ollama's texts, which users see in `ollama create` and search for (ERR_INVALID_COMMAND is below GRAMMAR).
+ERR_INVALID_MESSAGE_ROLE = f"message role must be one of {_one_of(MESSAGE_ROLES)}"
+
+
+@dataclass(frozen=True)
+class Head:
+    """The word between a keyword and its value."""
+
+    label: str  # for hints: "parameter name", "message role"
+    chars: str  # the characters it is made of
+    chars_in_words: str  # the same, for hints
+    choices: tuple[str, ...] = ()  # when given, the only words allowed (case-sensitive)...
+    not_a_choice: str = ""  # ...and Ollama's text for any other
+
+
+@dataclass(frozen=True)
+class Keyword:
+    """What a command keyword produces: ``Command(name, args)``."""
+
+    name: str | None  # None: the head word is the name (PARAMETER)
+    head: Head | None = None
+    args: str = "{value}"  # how the args string is made from the head word and the value
+
+
+PARAMETER_NAME = Head("parameter name", LETTERS + string.digits + "_", "letters, digits and _")
+MESSAGE_ROLE = Head("message role", LETTERS, "letters", MESSAGE_ROLES, ERR_INVALID_MESSAGE_ROLE)
+
+# In the order Ollama lists them in its error text.
+GRAMMAR: dict[str, Keyword] = {
+    "from": Keyword("model"),
+    "license": Keyword("license"),
+    "template": Keyword("template"),
+    "system": Keyword("system"),
+    "adapter": Keyword("adapter"),
+    "draft": Keyword("draft"),
+    "renderer": Keyword("renderer"),
+    "parser": Keyword("parser"),
+    "parameter": Keyword(None, PARAMETER_NAME),
+    "message": Keyword("message", MESSAGE_ROLE, "{head}: {value}"),
+    "requires": Keyword("requires"),
+}
+COMMANDS = tuple(GRAMMAR)
+
+ERR_INVALID_COMMAND = f"command must be one of {_one_of(COMMANDS)}"
 ERR_MISSING_FROM = "no FROM line"
 ERR_UNEXPECTED_EOF = "unexpected EOF"
 
-_NIL, _NAME, _VALUE, _PARAMETER, _MESSAGE, _COMMENT = range(6)
-_EOF = object()  # io.ErrUnexpectedEOF from parseRuneForState
+# Go's unicode tables are Unicode 15.0; Python's unicodedata is older on Python 3.10 (13.0) and 3.11 (14.0).
+# These are the characters Unicode 15.0 added in printable categories (computed with Go 1.26 against
+# Python 3.11), so that go_is_print is exact on 3.11 and 3.12. Python 3.13+ knows newer characters, which
+# Go would still drop.
+_UNICODE_15_PRINTABLE = (
+    (0x0CF3, 0x0CF3), (0x0ECE, 0x0ECE), (0x10EFD, 0x10EFF), (0x1123F, 0x11241), (0x11B00, 0x11B09),
+    (0x11F00, 0x11F10), (0x11F12, 0x11F3A), (0x11F3E, 0x11F59), (0x1342F, 0x1342F), (0x13440, 0x13455),
+    (0x1B132, 0x1B132), (0x1B155, 0x1B155), (0x1D2C0, 0x1D2D3), (0x1DF25, 0x1DF2A), (0x1E030, 0x1E06D),
+    (0x1E08F, 0x1E08F), (0x1E4D0, 0x1E4F9), (0x1F6DC, 0x1F6DC), (0x1F774, 0x1F776), (0x1F77B, 0x1F77F),
+    (0x1F7D9, 0x1F7D9), (0x1FA75, 0x1FA77), (0x1FA87, 0x1FA88), (0x1FAAD, 0x1FAAF), (0x1FABB, 0x1FABD),
+    (0x1FABF, 0x1FABF), (0x1FACE, 0x1FACF), (0x1FADA, 0x1FADB), (0x1FAE8, 0x1FAE8), (0x1FAF7, 0x1FAF8),
+    (0x2B739, 0x2B739), (0x31350, 0x323AF),
+)  # fmt: skip
+_NEEDS_UNICODE_15 = tuple(int(p) for p in unicodedata.unidata_version.split(".")) < (15, 0)
+_U15_STARTS = [start for start, _ in _UNICODE_15_PRINTABLE]
 
 
-def _is_alpha(r: str) -> bool:
-    return "a" <= r <= "z" or "A" <= r <= "Z"
+def go_is_print(ch: str) -> bool:
+    """Go's ``strconv.IsPrint``: letters, marks, numbers, punctuation, symbols and the ASCII space.
+
+    That is Python's ``str.isprintable`` definition too; only the Unicode versions differ (see above).
+    """
+    if ch.isprintable():
+        return True
+    if _NEEDS_UNICODE_15:
+        i = bisect.bisect_right(_U15_STARTS, ord(ch)) - 1
+        return i >= 0 and ord(ch) <= _UNICODE_15_PRINTABLE[i][1]
+    return False
 
 
-def _is_number(r: str) -> bool:
-    return "0" <= r <= "9"
+def _kept(segment: str) -> str:
+    """A piece of one line as the parser keeps it: unprintable characters dropped, blanks kept."""
+    if segment.isprintable():
+        return segment
+    return "".join(ch for ch in segment if ch == "\t" or go_is_print(ch))
 
 
-def _is_space(r: str) -> bool:
-    return r == " " or r == "\t"
+# --------------------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------------------
+#
+# Ollama reads a Modelfile as UTF-8 unless it starts with a byte order mark, which picks UTF-8, UTF-16BE or
+# UTF-16LE (and is dropped). Malformed input turns into U+FFFD, which is printable and so stays in the text.
+# How many U+FFFD depends on the path: plain UTF-8 goes through a decoder that replaces each maximal
+# ill-formed subsequence by one U+FFFD (as Python's "replace" does); after a UTF-8 BOM the bytes are read
+# rune by rune, one U+FFFD per bad byte; UTF-16 pairs surrogates where it can, and a surrogate followed by a
+# low surrogate is always taken as a pair (one U+FFFD if that pair is not valid).
 
 
-def _is_newline(r: str) -> bool:
-    return r == "\r" or r == "\n"
+def _one_replacement_per_byte(err: UnicodeDecodeError) -> tuple[str, int]:
+    return "\ufffd", err.start + 1
 
 
-def go_is_print(r: str) -> bool:
-    """Go's ``strconv.IsPrint``: letters, marks, numbers, punctuation, symbols and the ASCII space."""
-    return r == " " or unicodedata.category(r)[0] in "LMNPS"
+codecs.register_error("so8t-modelfile-per-byte", _one_replacement_per_byte)
+
+_LONE_SURROGATES = re.compile("[\ud800-\udfff][\udc00-\udfff]?")
 
 
-def _trim_space(s: str) -> str:
-    # strings.TrimSpace; the parser's buffer only ever holds printable runes plus space, tab, CR and LF.
-    return s.strip(" \t\r\n\v\f")
+def _decode_utf16(data: bytes, codec: str) -> str:
+    tail = "\ufffd" if len(data) % 2 else ""  # an odd byte at the end
+    units = data[: len(data) - len(data) % 2].decode(codec, "surrogatepass")  # valid pairs are joined here
+    return _LONE_SURROGATES.sub("\ufffd", units) + tail
 
 
-def _unquote(s: str) -> tuple[str, bool]:
-    """parser.unquote: strip one level of ``\"\"\"`` or ``\"`` quoting; ``ok`` is False while a quote is open."""
-    if s[:3] == '"""':
-        if len(s) >= 6 and s[-3:] == '"""':
-            return s[3:-3], True
-        return "", False
-    if s[:1] == '"':
-        if len(s) >= 2 and s[-1] == '"':
-            return s[1:-1], True
-        return "", False
-    return s, True
-
-
-def _decode(data: bytes | str) -> str:
-    """unicode.BOMOverride(UTF8 decoder): a UTF-8 or UTF-16 BOM picks the encoding, else UTF-8."""
+def decode_modelfile(data: bytes | str) -> str:
+    """The text Ollama's parser reads from these bytes (a ``str`` is taken as its UTF-8 encoding)."""
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
     if data.startswith(b"\xef\xbb\xbf"):
-        return data[3:].decode("utf-8", "replace")
+        return data[3:].decode("utf-8", "so8t-modelfile-per-byte")
     if data.startswith(b"\xfe\xff"):
-        return data[2:].decode("utf-16-be", "replace")
+        return _decode_utf16(data[2:], "utf-16-be")
     if data.startswith(b"\xff\xfe"):
-        return data[2:].decode("utf-16-le", "replace")
+        return _decode_utf16(data[2:], "utf-16-le")
     return data.decode("utf-8", "replace")
 
 
-def _next_state(r: str, state: int) -> tuple[int, str | None, object]:
-    """parser.parseRuneForState: (next state, rune to keep or None, error)."""
-    if state == _NIL:
-        if r == "#":
-            return _COMMENT, None, None
-        if _is_space(r) or _is_newline(r):
-            return _NIL, None, None
-        return _NAME, r, None
-    if state == _NAME:
-        if _is_alpha(r):
-            return _NAME, r, None
-        if _is_space(r):
-            return _VALUE, None, None
-        return _NIL, None, ERR_INVALID_COMMAND
-    if state == _VALUE:
-        if _is_newline(r) or _is_space(r):
-            return _NIL, r, None
-        return _VALUE, r, None
-    if state == _PARAMETER:
-        if _is_alpha(r) or _is_number(r) or r == "_":
-            return _PARAMETER, r, None
-        if _is_space(r):
-            return _VALUE, None, None
-        return _NIL, None, _EOF
-    if state == _MESSAGE:
-        if _is_alpha(r):
-            return _MESSAGE, r, None
-        if _is_space(r):
-            return _VALUE, None, None
-        return _NIL, None, _EOF
-    # _COMMENT
-    if _is_newline(r):
-        return _NIL, None, None
-    return _COMMENT, None, None
+# --------------------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------------------
+
+_LINE_END = re.compile("[\r\n]")
+_EDITOR_LINE_END = re.compile("\r\n|\r|\n")
+
+
+def _line_end(text: str, pos: int) -> int:
+    m = _LINE_END.search(text, pos)
+    return m.start() if m else len(text)
+
+
+def read_value(text: str, pos: int = 0) -> tuple[str | None, int]:
+    """Read the VALUE that starts at ``text[pos]``: ``(value, where the next command may start)``.
+
+    The value is ``None`` when a quote is still open at the end of the text. A bare value is the rest of the
+    line less surrounding blanks; the first non-blank characters decide whether it is quoted (``QUOTES``).
+    """
+    end = _line_end(text, pos)
+    first = _kept(text[pos:end]).lstrip(BLANKS)
+    whole = first.rstrip(BLANKS)
+    quote = next((q for q in QUOTES if whole.startswith(q)), "")
+    if not quote:
+        return whole, end + 1
+    if len(whole) >= 2 * len(quote) and whole.endswith(quote):
+        return whole[len(quote) : -len(quote)], end + 1
+    parts = [first]
+    while end < len(text):
+        parts.append(text[end])  # inside quotes a line end is part of the value
+        pos = end + 1
+        end = _line_end(text, pos)
+        line = _kept(text[pos:end])
+        parts.append(line)
+        if line.rstrip(BLANKS).endswith(quote):
+            body = "".join(parts).rstrip(BLANKS)
+            return body[len(quote) : -len(quote)], end + 1
+    return None, end
+
+
+class _Source:
+    """The decoded text plus line bookkeeping for commands and errors."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self._starts = [0] + [m.end() for m in _EDITOR_LINE_END.finditer(text)]
+
+    def line(self, pos: int) -> int:
+        """Our line number: as an editor counts lines (CRLF is one line end)."""
+        return bisect.bisect_right(self._starts, pos)
+
+    def ollama_line(self, pos: int) -> int:
+        """Ollama's line number for an error raised by the character at ``pos``: it counts every CR and every
+        LF up to and including that character (so a command cut short by its line end reports the next line,
+        and CRLF counts two)."""
+        return 1 + len(_LINE_END.findall(self.text, 0, pos + 1))
+
+    def error(self, message: str, *, start: int, at: int | None = None, hint: str = "") -> ModelfileError:
+        """A syntax error in the command starting at ``start``; ``at`` is where Ollama notices it (None:
+        Ollama reports it without a line number)."""
+        ollama = message if at is None else f"(line {self.ollama_line(at)}): {message}"
+        return ModelfileError(message, line=self.line(start), ollama_error=ollama, hint=hint)
+
+
+def _skip_gaps(text: str, pos: int) -> int:
+    """Skip blanks, line ends and comments up to the next command (or the end)."""
+    while pos < len(text):
+        ch = text[pos]
+        if ch in BLANKS or ch in LINE_ENDS:
+            pos += 1
+        elif ch == COMMENT:
+            pos = _line_end(text, pos)
+        else:
+            break
+    return pos
+
+
+def _run(text: str, pos: int, chars: str) -> int:
+    while pos < len(text) and text[pos] in chars:
+        pos += 1
+    return pos
+
+
+def _describe(ch: str) -> str:
+    return "the line end" if ch in LINE_ENDS else repr(ch)
+
+
+def _short(word: str, limit: int = 40) -> str:
+    return repr(word) if len(word) <= limit else repr(word[:limit]) + "..."
+
+
+def _command(src: _Source, start: int) -> tuple[Command, int]:
+    text = src.text
+    # The keyword: its first character is taken whatever it is (an unprintable one is dropped, which is why a
+    # stray BOM or NUL in front of a keyword goes unnoticed); letters follow.
+    stop = _run(text, start + 1, LETTERS)
+    word = _kept(text[start:stop])
+    if stop == len(text):
+        hint = f"the file ends in the command word {_short(word)}"
+        raise src.error(ERR_UNEXPECTED_EOF, start=start, hint=hint)
+    keyword = GRAMMAR.get(word.lower()) if text[stop] in BLANKS else None
+    if keyword is None:
+        if word.lower() in GRAMMAR:
+            hint = f"{word.upper()} needs a space and a value on the same line, not {_describe(text[stop])}"
+        elif text[stop] in BLANKS:
+            hint = f"{_short(word)} is not a Modelfile command"
+        else:
+            hint = f"a command word is letters followed by a space; found {_describe(text[stop])}"
+        raise src.error(ERR_INVALID_COMMAND, start=start, at=stop, hint=hint)
+    pos = stop + 1
+
+    head = ""
+    if keyword.head is not None:
+        stop = _run(text, pos, keyword.head.chars)
+        head = text[pos:stop]
+        label = f"{word.upper()} {head[:40]}{'...' if len(head) > 40 else ''}".rstrip()
+        if stop == len(text):
+            raise src.error(ERR_UNEXPECTED_EOF, start=start, hint=f"the file ends after {label}")
+        if text[stop] not in BLANKS:  # Ollama's text here is odd, but it is the one users will search for
+            if text[stop] in LINE_ENDS:
+                hint = f"{label} needs a value on the same line"
+            else:
+                found = _describe(text[stop])
+                hint = f"a {keyword.head.label} has only {keyword.head.chars_in_words}; found {found}"
+            raise src.error(f"{ERR_UNEXPECTED_EOF}: {head}", start=start, hint=hint)
+        if keyword.head.choices and head not in keyword.head.choices:
+            hint = f"got {_short(head)}" + ("; it is case-sensitive" if head.lower() in keyword.head.choices else "")
+            raise src.error(keyword.head.not_a_choice, start=start, at=stop, hint=hint)
+        pos = stop + 1
+
+    value_start = pos
+    value, pos = read_value(text, pos)
+    if value is None:
+        first_line = _kept(text[value_start : _line_end(text, value_start)]).lstrip(BLANKS)
+        opener = next(q for q in QUOTES if first_line.startswith(q))
+        raise src.error(
+            ERR_UNEXPECTED_EOF,
+            start=start,
+            hint=f"the {opener} opened on this line is never closed: "
+            f"a quoted value ends at a line ending in {opener}",
+        )
+    name = keyword.name if keyword.name is not None else head
+    args = keyword.args.format(head=head, value=value)
+    return Command(name, args, src.line(start), word.lower()), pos
 
 
 def parse_modelfile(data: bytes | str) -> list[Command]:
-    """Parse a Modelfile exactly as Ollama's ``parser.ParseFile`` does.
+    """The commands of a Modelfile, or ModelfileError where Ollama's parser (``ollama create``) refuses it.
 
-    Line numbers are Ollama's: the counter goes up on every CR or LF *before* that rune is processed, so an
-    error raised by a line break (``FROM`` followed by a newline, say) names the next line, and CRLF counts two.
+    Accepts the bytes of a file (see ``decode_modelfile``) or text. A file without any ``model`` command
+    (FROM, or a PARAMETER named ``model``) is refused after the whole file has been read.
     """
-    text = _decode(data)
+    src = _Source(decode_modelfile(data))
     commands: list[Command] = []
-    name = ""
-    role = ""
-    state = _NIL
-    line = 1
-    cmd_line = 1
-    buf: list[str] = []
-
-    for r in text:
-        if _is_newline(r):
-            line += 1
-        nxt, keep, err = _next_state(r, state)
-        if err is _EOF:
-            got = "".join(buf)
-            raise ModelfileError(
-                f"{ERR_UNEXPECTED_EOF}: {got}",
-                line=line,
-                ollama_error=f"{ERR_UNEXPECTED_EOF}: {got}",
-                hint=f"{'PARAMETER' if state == _PARAMETER else 'MESSAGE'} {got} needs a value on the same line",
-            )
-        if err is not None:
-            raise ModelfileError(str(err), line=line, ollama_error=f"(line {line}): {err}")
-
-        if nxt != state:
-            if state == _NAME:
-                word = "".join(buf)
-                if word.lower() not in COMMANDS:
-                    raise ModelfileError(
-                        ERR_INVALID_COMMAND, line=line, ollama_error=f"(line {line}): {ERR_INVALID_COMMAND}"
-                    )
-                lowered = word.lower()
-                if lowered == "from":
-                    name = "model"
-                elif lowered == "parameter":
-                    nxt = _PARAMETER  # the name is set when the parameter name ends
-                elif lowered == "message":
-                    nxt = _MESSAGE
-                    name = lowered
-                else:
-                    name = lowered
-            elif state == _PARAMETER:
-                name = "".join(buf)  # not lowercased: parameter names are case-sensitive
-            elif state == _MESSAGE:
-                word = "".join(buf)
-                if word not in MESSAGE_ROLES:
-                    raise ModelfileError(
-                        ERR_INVALID_MESSAGE_ROLE,
-                        line=line,
-                        ollama_error=f"(line {line}): {ERR_INVALID_MESSAGE_ROLE}",
-                    )
-                role = word
-            elif state == _VALUE:
-                value, ok = _unquote(_trim_space("".join(buf)))
-                if not ok or _is_space(r):
-                    # Inside an open quote (or at a space) the rune is kept as is, CR/LF/tab included.
-                    buf.append(r)
-                    continue
-                if role:
-                    value = f"{role}: {value}"
-                    role = ""
-                commands.append(Command(name, value, cmd_line))
-            if state == _NIL and nxt == _NAME:
-                cmd_line = line
-            buf = []
-            state = nxt
-
-        if keep is not None and go_is_print(keep):
-            buf.append(keep)
-
-    if state == _VALUE:
-        value, ok = _unquote(_trim_space("".join(buf)))
-        if not ok:
-            opener = '"""' if "".join(buf).lstrip(" \t\r\n")[:3] == '"""' else '"'
-            raise ModelfileError(
-                ERR_UNEXPECTED_EOF,
-                line=cmd_line,
-                ollama_error=ERR_UNEXPECTED_EOF,
-                hint=f"the {opener} opened in the command on this line is never closed",
-            )
-        if role:
-            value = f"{role}: {value}"
-        commands.append(Command(name, value, cmd_line))
-    elif state not in (_NIL, _COMMENT):
-        raise ModelfileError(
-            ERR_UNEXPECTED_EOF,
-            line=cmd_line,
-            ollama_error=ERR_UNEXPECTED_EOF,
-            hint="the file ends inside a command",
-        )
-
+    pos = _skip_gaps(src.text, 0)
+    while pos < len(src.text):
+        command, pos = _command(src, pos)
+        commands.append(command)
+        pos = _skip_gaps(src.text, pos)
     if not any(c.name == "model" for c in commands):
         raise ModelfileError(ERR_MISSING_FROM, ollama_error=ERR_MISSING_FROM)
     return commands
 
 
 # --------------------------------------------------------------------------------------------------------
-# CreateRequest / api.FormatParams
+# Parameter types (api.Options at the pinned version) and Go's number syntax
 # --------------------------------------------------------------------------------------------------------
 
 # json tags of api.Options (and its embedded api.Runner) at the pinned version, by Go kind.
 PARAMETER_TYPES: dict[str, str] = {
     **dict.fromkeys(
-        (
-            "num_ctx",
-            "num_batch",
-            "num_gpu",
-            "main_gpu",
-            "num_thread",
-            "draft_num_predict",
-            "num_keep",
-            "seed",
-            "num_predict",
-            "top_k",
-            "repeat_last_n",
-        ),
+        ("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "draft_num_predict", "num_keep", "seed",
+         "num_predict", "top_k", "repeat_last_n"),
         "int",
     ),
     **dict.fromkeys(
-        (
-            "top_p",
-            "min_p",
-            "typical_p",
-            "temperature",
-            "repeat_penalty",
-            "presence_penalty",
-            "frequency_penalty",
-        ),
+        ("top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty",
+         "frequency_penalty"),
         "float",
     ),
     "use_mmap": "bool",
-    "stop": "list",
-}
+    "stop": "list",  # a list of strings: repeated lines add to it
+}  # fmt: skip
 
-# parser.deprecatedParameters: accepted with a printed warning and dropped.
+# Names Ollama's client still accepts, prints a deprecation warning for, and drops.
 DEPRECATED_PARAMETERS = (
-    "penalize_newline",
-    "low_vram",
-    "f16_kv",
-    "logits_all",
-    "vocab_only",
-    "use_mlock",
-    "mirostat",
-    "mirostat_tau",
-    "mirostat_eta",
+    "penalize_newline", "low_vram", "f16_kv", "logits_all", "vocab_only", "use_mlock", "mirostat",
+    "mirostat_tau", "mirostat_eta",
+)  # fmt: skip
+
+_DECIMAL = re.compile(r"(?P<int>[0-9_]*)(?:\.(?P<frac>[0-9_]*))?(?:[eE](?P<exp>[+-]?[0-9_]+))?")
+_HEXADECIMAL = re.compile(
+    r"0[xX](?P<int>[0-9a-fA-F_]*)(?:\.(?P<frac>[0-9a-fA-F_]*))?[pP](?P<exp>[+-]?[0-9_]+)"
 )
-
-_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103  # round-to-nearest-even sends |x| >= this to +-Inf in float32
-_DEC_FLOAT = re.compile(r"[+-]?(?=\.?[0-9])[0-9_]*(?:\.[0-9_]*)?(?:[eE][+-]?[0-9_]+)?")
-_HEX_FLOAT = re.compile(r"[+-]?0[xX](?=\.?[0-9a-fA-F_])[0-9a-fA-F_]*(?:\.[0-9a-fA-F_]*)?[pP][+-]?[0-9_]+")
+_FLOAT32_MANTISSA_BITS = 24
+_FLOAT32_MIN_EXP = -126  # of the smallest normal number; subnormals share it
 
 
-def _underscores_ok(s: str) -> bool:
-    """strconv.underscoreOK: each '_' sits between digits (a base prefix counts as a digit)."""
-    body = s.lstrip("+-")
-    prefix = 2 if body[:2].lower() == "0x" else 0
-    prev = "0" if prefix else "^"
-    for ch in body[prefix:]:
+def _underscores_ok(number: str) -> bool:
+    """Go's rule for ``_`` in number literals: only between two digits, or between base prefix and digit."""
+    hexa = number[:2].lower() == "0x"
+    previous = "digit" if hexa else "start"
+    for ch in number[2:] if hexa else number:
         if ch == "_":
-            if prev != "0":
+            if previous != "digit":
                 return False
-            prev = "_"
-        elif ch in "0123456789abcdefABCDEF" and (prefix or ch.isdigit()):
-            prev = "0"
+            previous = "_"
+        elif ch in string.digits or (hexa and ch in string.hexdigits):
+            previous = "digit"
+        elif previous == "_":
+            return False
         else:
-            if prev == "_":
-                return False
-            prev = "!"
-    return prev != "_"
+            previous = "other"
+    return previous != "_"
+
+
+def _nearest_float32(x: Fraction) -> float:
+    """The float32 nearest to ``x >= 0`` (ties to even), as a Python float; OverflowError past float32."""
+    if x == 0:
+        return 0.0
+    exp = x.numerator.bit_length() - x.denominator.bit_length()
+    if Fraction(2) ** exp > x:  # now 2**exp <= x < 2**(exp + 1)
+        exp -= 1
+    step = Fraction(2) ** (max(exp, _FLOAT32_MIN_EXP) - (_FLOAT32_MANTISSA_BITS - 1))
+    rounded = round(x / step) * step  # round() on a Fraction rounds half to even
+    if rounded >= 2**128:
+        raise OverflowError("float32 overflow")
+    return float(rounded)
+
+
+def _exponent(text: str) -> int:
+    """An exponent's value, capped: past a hundred million the outcome is the same (zero or overflow)."""
+    digits = text.lstrip("+-").replace("_", "").lstrip("0")
+    value = int(digits or "0") if len(digits) <= 8 else 10**8
+    return -value if text.startswith("-") else value
 
 
 def go_parse_float32(s: str) -> float:
-    """``strconv.ParseFloat(s, 32)``; raises ValueError on what Go rejects (syntax or float32 overflow)."""
-    low = s.lower()
-    sign = -1.0 if low.startswith("-") else 1.0
-    unsigned = low[1:] if low[:1] in "+-" else low
-    if unsigned in ("inf", "infinity"):
+    """``strconv.ParseFloat(s, 32)``: the float32 value as a Python float, or ValueError where Go reports an
+    error (bad syntax, or a value that rounds to infinity). Rounding is exact, straight to float32."""
+    sign = -1.0 if s.startswith("-") else 1.0
+    unsigned = s[1:] if s[:1] in ("+", "-") else s
+    if unsigned.lower() in ("inf", "infinity"):
         return sign * math.inf
-    if low == "nan":  # Go accepts no sign on NaN
+    if s.lower() == "nan":  # NaN takes no sign
         return math.nan
-    if _DEC_FLOAT.fullmatch(s):
-        value = float(s.replace("_", "")) if ("_" not in s or _underscores_ok(s)) else None
-    elif _HEX_FLOAT.fullmatch(s):
-        value = float.fromhex(s.replace("_", "")) if ("_" not in s or _underscores_ok(s)) else None
+    m = _HEXADECIMAL.fullmatch(unsigned) or _DECIMAL.fullmatch(unsigned)
+    if m is None or not (m["int"] or m["frac"]) or ("_" in unsigned and not _underscores_ok(unsigned)):
+        raise ValueError(f"invalid syntax: {s!r}")
+    base = 16 if m.re is _HEXADECIMAL else 10
+    whole, frac = m["int"].replace("_", ""), (m["frac"] or "").replace("_", "")
+    if not (whole + frac):  # "_" alone
+        raise ValueError(f"invalid syntax: {s!r}")
+    digits = (whole + frac).lstrip("0")
+    if not digits:
+        return 0.0 * sign
+    # value = int(digits, base) * 2**scale (hex) or * 10**scale (decimal); `size` bounds it from above by
+    # 2**size or 10**size, so that far-out values are decided without building huge numbers.
+    if base == 16:
+        scale = _exponent(m["exp"]) - 4 * len(frac)
+        size, too_big, too_small = scale + 4 * len(digits), 140, -160
     else:
-        value = None
-    if value is None:
-        raise ValueError(f"strconv.ParseFloat: parsing {s!r}: invalid syntax")
-    if abs(value) >= _FLOAT32_OVERFLOW:
-        raise ValueError(f"strconv.ParseFloat: parsing {s!r}: value out of range")
-    return value
+        scale = _exponent(m["exp"] or "0") - len(frac)
+        size, too_big, too_small = scale + len(digits), 45, -50
+    if size > too_big:
+        raise ValueError(f"value out of range: {s!r}")
+    if size < too_small:
+        return 0.0 * sign
+    if base == 16:
+        value = int(digits, 16) * Fraction(2) ** scale
+    else:
+        # Digits past the 200th cannot change the rounding except through whether any of them is non-zero
+        # (a float32 halfway point has fewer than 120 significant digits): fold them into one sticky digit.
+        if len(digits) > 200:
+            sticky = "1" if digits[200:].strip("0") else "0"
+            scale += len(digits) - 201
+            digits = digits[:200] + sticky
+        value = int(digits) * Fraction(10) ** scale
+    try:
+        return sign * _nearest_float32(value)
+    except OverflowError:
+        raise ValueError(f"value out of range: {s!r}") from None
+
+
+_INTEGER = re.compile(r"[+-]?([0-9]+)")
 
 
 def go_parse_int(s: str) -> int:
-    """``strconv.ParseInt(s, 10, 64)``."""
-    if not re.fullmatch(r"[+-]?[0-9]+", s):
-        raise ValueError(f"strconv.ParseInt: parsing {s!r}: invalid syntax")
+    """``strconv.ParseInt(s, 10, 64)``: an optional sign and ASCII digits, within int64."""
+    m = _INTEGER.fullmatch(s)
+    if m is None:
+        raise ValueError(f"invalid syntax: {s!r}")
+    if len(m[1].lstrip("0")) > 19:
+        raise ValueError(f"value out of range: {s!r}")
     value = int(s)
     if not -(2**63) <= value < 2**63:
-        raise ValueError(f"strconv.ParseInt: parsing {s!r}: value out of range")
+        raise ValueError(f"value out of range: {s!r}")
     return value
+
+
+_BOOLS = {**dict.fromkeys(("1", "t", "T", "true", "TRUE", "True"), True),
+          **dict.fromkeys(("0", "f", "F", "false", "FALSE", "False"), False)}  # fmt: skip
 
 
 def go_parse_bool(s: str) -> bool:
     """``strconv.ParseBool``."""
-    if s in ("1", "t", "T", "TRUE", "true", "True"):
-        return True
-    if s in ("0", "f", "F", "FALSE", "false", "False"):
-        return False
-    raise ValueError(f"strconv.ParseBool: parsing {s!r}: invalid syntax")
+    if s not in _BOOLS:
+        raise ValueError(f"invalid syntax: {s!r}")
+    return _BOOLS[s]
+
+
+# Each kind: how a value is read, and whether a repeated line adds to the value (lists) or replaces it.
+PARAMETER_KINDS: dict[str, tuple[Callable[[str], int | float | bool | list[str]], bool]] = {
+    "int": (go_parse_int, False),
+    "float": (go_parse_float32, False),
+    "bool": (go_parse_bool, False),
+    "list": (lambda s: [s], True),
+}
 
 
 def format_parameter(name: str, value: str) -> int | float | bool | list[str]:
-    """``api.FormatParams`` for one ``PARAMETER name value``: the typed value, or ModelfileError with Ollama's text.
+    """The typed value Ollama sends for ``PARAMETER name value``, or ModelfileError with Ollama's text.
 
-    Go formats the value list with ``%s``, hence the brackets: ``invalid float value [abc]``.
+    Ollama formats the value as a one-element list, hence the brackets: ``invalid float value [abc]``.
     """
     kind = PARAMETER_TYPES.get(name)
     if kind is None:
-        raise ModelfileError(f"unknown parameter '{name}'", ollama_error=f"unknown parameter '{name}'")
+        msg = f"unknown parameter '{name}'"
+        hint = f"parameter names are case-sensitive: {name.lower()}" if name.lower() in PARAMETER_TYPES else ""
+        raise ModelfileError(msg, ollama_error=msg, hint=hint)
+    parse, _ = PARAMETER_KINDS[kind]
     try:
-        if kind == "int":
-            return go_parse_int(value)
-        if kind == "float":
-            return go_parse_float32(value)
-        if kind == "bool":
-            return go_parse_bool(value)
-        return [value]
+        return parse(value)
     except ValueError:
         msg = f"invalid {kind} value [{value}]"
         raise ModelfileError(msg, ollama_error=msg) from None
 
 
 def _semver_ok(v: str) -> bool:
-    """golang.org/x/mod/semver.IsValid after CreateRequest's "v" prefixing (v1 and v1.2 are valid shorthands)."""
+    """golang.org/x/mod/semver.IsValid after the "v" Ollama puts in front (v1 and v1.2 are valid shorthands,
+    which take no pre-release or build suffix)."""
     num = r"(?:0|[1-9][0-9]*)"
     ident = r"(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
     pattern = (
@@ -620,8 +774,14 @@ def _semver_ok(v: str) -> bool:
     return re.fullmatch(pattern, v) is not None
 
 
+# --------------------------------------------------------------------------------------------------------
+# Checking: what `ollama create` builds from the commands
+# --------------------------------------------------------------------------------------------------------
+
+
 def expand_path(path: str, relative_dir: str | os.PathLike) -> str:
-    """parser.expandPath: absolute as is, ``~``/``~user`` expanded, anything else relative to the Modelfile's dir."""
+    """Where Ollama looks for a FROM/ADAPTER/DRAFT path: absolute as is, ``~``/``~user`` expanded, anything
+    else relative to the Modelfile's directory."""
     if os.path.isabs(path) or path.startswith(("/", "\\")):
         return os.path.abspath(path)
     if path.startswith("~"):
@@ -629,89 +789,134 @@ def expand_path(path: str, relative_dir: str | os.PathLike) -> str:
     return os.path.abspath(os.path.join(relative_dir, path))
 
 
-def _local_matches(path: str) -> list[str]:
-    if glob.has_magic(path):
-        return sorted(glob.glob(path))
-    return [path] if os.path.exists(path) else []
-
-
 @dataclass
 class ModelfileCheck:
-    """What ``check_commands`` found: the commands, the typed parameters as Ollama sends them, and warnings."""
+    """What the checks found: the commands, the request Ollama would send, and warnings.
+
+    ``parameters`` are typed as Ollama sends them (floats are float32 values); ``messages`` are
+    ``(role, content)``; ``template``/``system``/``renderer``/``parser`` are the last value given (Ollama
+    keeps only that one), or None.
+    """
 
     commands: list[Command]
     parameters: dict[str, int | float | bool | list[str]]
     warnings: list[str]
-    model_files: list[str]  # FROM paths that resolved to local files (empty if not checked)
+    model_files: list[str] = field(default_factory=list)  # FROM paths found on disk (empty if not checked)
+    template: str | None = None
+    system: str | None = None
+    renderer: str | None = None
+    parser: str | None = None
+    requires: str | None = None
+    licenses: list[str] = field(default_factory=list)
+    messages: list[tuple[str, str]] = field(default_factory=list)
+
+
+_LAST_ONE_WINS = ("template", "system", "renderer", "parser")
+_KEYWORD_OF = {kw.name: word.upper() for word, kw in GRAMMAR.items() if kw.name is not None}
+
+
+def _check_paths(c: Command, base_dir: str | os.PathLike, require_files: bool, result: ModelfileCheck,
+                 seen: dict[str, list[str]]) -> None:
+    """Ollama's file checks for FROM/ADAPTER/DRAFT, and ours: a FROM must name a file that is there."""
+    path = expand_path(c.args, base_dir)
+    exists = os.path.exists(path)  # literally: Ollama does not expand globs
+    if c.name == "model":
+        if exists:
+            result.model_files.append(path)
+        elif require_files:
+            raise ModelfileError(
+                f"FROM {c.args}: no file at {path}",
+                line=c.line,
+                hint=f"Ollama would take {c.args!r} for a model name and try to pull it from the registry; "
+                "FROM paths are relative to the Modelfile's directory",
+            )
+    elif not exists:
+        if require_files:
+            msg = f"stat {path}: no such file or directory"
+            raise ModelfileError(msg, line=c.line, ollama_error=msg)
+        return
+    if exists and c.name in ("model", "draft"):
+        other = seen["draft" if c.name == "model" else "model"]
+        if any(os.path.realpath(path) == os.path.realpath(p) for p in other):
+            msg = f"DRAFT must not reference the same local path as FROM: {path}"
+            raise ModelfileError(msg, line=c.line, ollama_error=msg)
+        seen[c.name].append(path)
 
 
 def check_commands(
     commands: Sequence[Command], *, base_dir: str | os.PathLike | None = None, require_files: bool = True
 ) -> ModelfileCheck:
-    """Ollama's ``Modelfile.CreateRequest`` checks on parsed commands, plus two of ours.
+    """The request ``ollama create`` builds from parsed commands, with its checks, plus some of ours.
 
-    With ``base_dir`` (the Modelfile's directory) FROM/ADAPTER/DRAFT paths are resolved like Ollama does.
-    ADAPTER and DRAFT must exist (Ollama fails on them too). A FROM that names no local file is *not* an error
-    for Ollama, which then pulls it from the registry as a model name; with ``require_files`` we reject it,
-    because for us it always means a GGUF that is missing or misnamed.
-    Ours: a warning when TEMPLATE, SYSTEM, RENDERER or PARSER is given twice (Ollama silently keeps the last).
+    Ollama's: PARAMETER names and value types, REQUIRES as semver; with ``base_dir`` (the Modelfile's folder)
+    FROM/ADAPTER/DRAFT paths are resolved and ADAPTER/DRAFT must exist (and DRAFT differ from FROM). A FROM
+    that names no local file is not an error for Ollama, which then pulls it from the registry as a model
+    name; with ``require_files`` we refuse it, because for us it always means a GGUF that is missing or
+    misnamed (and without ``require_files`` no path has to exist).
+    Ours (warnings): TEMPLATE, SYSTEM, RENDERER or PARSER given twice (Ollama keeps the last); a PARAMETER
+    named like a command, which Ollama reads as that command; deprecated parameters, which Ollama drops.
+    Commands are checked in order and the first error is raised, as Ollama does.
     """
-    params: dict[str, int | float | bool | list[str]] = {}
-    warnings: list[str] = []
-    model_files: list[str] = []
-    seen: dict[str, int] = {}
+    result = ModelfileCheck(list(commands), {}, [])
+    first_line: dict[str, int] = {}
+    seen: dict[str, list[str]] = {"model": [], "draft": []}
     for c in commands:
-        if c.name in ("template", "system", "renderer", "parser"):
-            if c.name in seen:
-                warnings.append(
-                    f"(line {c.line}): {c.name.upper()} given again (first on line {seen[c.name]}); Ollama keeps only the last one"
+        if c.keyword == "parameter" and c.name in _KEYWORD_OF:
+            result.warnings.append(
+                f"(line {c.line}): Ollama reads PARAMETER {c.name} as the command {_KEYWORD_OF[c.name]}"
+            )
+        if c.name in ("model", "adapter", "draft"):
+            if base_dir is not None:
+                _check_paths(c, base_dir, require_files, result, seen)
+        elif c.name in _LAST_ONE_WINS:
+            if c.name in first_line:
+                result.warnings.append(
+                    f"(line {c.line}): {c.name.upper()} given again (first on line {first_line[c.name]}); "
+                    "Ollama keeps only the last one"
                 )
-            seen.setdefault(c.name, c.line)
-        if c.name in ("model", "draft", "adapter"):
-            if base_dir is None:
-                continue
-            path = expand_path(c.args, base_dir)
-            found = _local_matches(path)
-            if c.name == "model":
-                if found:
-                    model_files.extend(found)
-                elif require_files:
-                    raise ModelfileError(
-                        f"FROM {c.args}: no file at {path}",
-                        line=c.line,
-                        hint=f"Ollama would take {c.args!r} for a model name and try to pull it from the registry; "
-                        "FROM paths are relative to the Modelfile's directory",
-                    )
-            elif not found and require_files:
-                msg = f"stat {path}: no such file or directory"
-                raise ModelfileError(msg, line=c.line, ollama_error=msg)
+            first_line.setdefault(c.name, c.line)
+            setattr(result, c.name, c.args)
+        elif c.name == "license":
+            result.licenses.append(c.args)
+        elif c.name == "message":
+            role, _, content = c.args.partition(": ")
+            result.messages.append((role, content))
         elif c.name == "requires":
-            v = c.args if c.args.startswith("v") else "v" + c.args
-            if not _semver_ok(v):
+            version = c.args if c.args.startswith("v") else "v" + c.args
+            if not _semver_ok(version):
                 msg = "requires must be a valid semver (e.g. 0.14.0)"
                 raise ModelfileError(msg, line=c.line, ollama_error=msg)
-        elif c.name in ("template", "system", "license", "renderer", "parser", "message"):
-            pass
+            result.requires = version[1:]
         elif c.name in DEPRECATED_PARAMETERS:
-            warnings.append(f"(line {c.line}): parameter {c.name} is deprecated; Ollama ignores it")
+            result.warnings.append(f"(line {c.line}): parameter {c.name} is deprecated; Ollama ignores it")
         else:
             try:
                 value = format_parameter(c.name, c.args)
             except ModelfileError as e:
                 e.line = c.line
                 raise
-            if isinstance(value, list):
-                params.setdefault(c.name, [])
-                params[c.name].extend(value)  # type: ignore[union-attr]
+            if isinstance(value, list) and isinstance(result.parameters.get(c.name), list):
+                result.parameters[c.name].extend(value)  # type: ignore[union-attr]
             else:
-                params[c.name] = value
-    return ModelfileCheck(list(commands), params, warnings, model_files)
+                result.parameters[c.name] = value
+    return result
+
+
+def check_grammar(data: bytes | str) -> ModelfileCheck:
+    """The verdict of Ollama's client before it touches any file: its parser plus the request it builds
+    (``parser.ParseFile`` and ``Modelfile.CreateRequest``, less the FROM/ADAPTER/DRAFT file lookups).
+
+    This is the function tests/test_modelfile_differential.py proves against Ollama's own code.
+    """
+    return check_commands(parse_modelfile(data))
 
 
 def check_modelfile(path: str | os.PathLike, *, require_files: bool = True) -> ModelfileCheck:
-    """Parse and check a Modelfile on disk as ``ollama create -f path`` would (see ``check_commands``).
+    """Check a Modelfile on disk as ``ollama create -f path`` would (``check_grammar``), then its files
+    (``check_commands``).
 
-    The TEMPLATE's Go syntax is not checked here (that needs Go's text/template; ``ollama_template/`` does it).
+    The TEMPLATE's Go syntax is not checked here (that needs Go's text/template; ``ollama_template/`` does
+    it).
     """
     path = Path(path)
     try:
@@ -737,8 +942,9 @@ def _check_expressible(keyword: str, value: str) -> None:
     if '"""' in value:
         raise ModelfileError(
             f'the {keyword} text contains """, which a Modelfile cannot express',
-            hint='Ollama\'s parser has no escape sequences, so a """ inside the value would end it early; '
-            "reword the text without three double quotes in a row",
+            hint='Ollama\'s parser has no escape sequences, so a """ that ends a line inside the value '
+            'would end the value there; we refuse every """ to keep the rule simple: reword the text '
+            "without three double quotes in a row",
         )
     for i, ch in enumerate(value):
         if ch not in "\t\r\n" and not go_is_print(ch):
@@ -750,15 +956,9 @@ def _check_expressible(keyword: str, value: str) -> None:
 
 
 def _quote(keyword: str, value: str) -> str:
-    """A value as Ollama parses it back: bare when that is unambiguous, else in triple quotes."""
+    """A value as Ollama reads it back: bare when that reads back as the value, else in triple quotes."""
     _check_expressible(keyword, value)
-    if (
-        value
-        and value == _trim_space(value)
-        and "\n" not in value
-        and "\r" not in value
-        and not value.startswith('"')
-    ):
+    if value and read_value(value)[0] == value:
         return value
     return f'"""{value}"""'
 

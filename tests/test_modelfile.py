@@ -1,8 +1,7 @@
-"""Modelfile rendering, the checked-in Modelfile, the CLI, and the port of Ollama's Modelfile parser.
+"""Modelfile rendering, the checked-in Modelfile, the CLI, and our Modelfile grammar, rule by rule.
 
-The parser fixtures are ported from ollama/ollama parser/parser_test.go (TestParseFileFile, ...TrimSpace, ...From,
-...ParametersMissingValue, ...BadCommand, ...Messages, ...Quoted, ...Parameters, ...Comments, ...UTF16ParseFile,
-TestParseMultiByte, TestCreateRequest); the number-parsing tables were checked against Go 1.19's strconv.
+That Ollama's own parser agrees with the grammar file by file is tests/test_modelfile_differential.py; the
+number-parsing tables below were checked against Go's strconv.
 """
 
 from __future__ import annotations
@@ -31,10 +30,9 @@ from so8t_export.modelfile import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-LLAMA3_TEMPLATE = (
-    "{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
-    "{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>{{ end }}"
-    "<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}<|eot_id|>"
+SMALL_TEMPLATE = (
+    "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+    "<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n"
 )
 
 
@@ -226,6 +224,25 @@ def test_check_requires_the_from_file(tmp_path):
     assert check_modelfile(tmp_path / "Modelfile").model_files == [str(tmp_path / "m.gguf")]
 
 
+def test_check_paths_are_taken_literally(tmp_path):
+    """Ollama stats a FROM/ADAPTER/DRAFT path as written: no glob, so ./*.gguf names no file."""
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "Modelfile").write_text("FROM ./*.gguf\n")
+    with pytest.raises(ModelfileError, match="no file at"):
+        check_modelfile(tmp_path / "Modelfile")
+    assert check_modelfile(tmp_path / "Modelfile", require_files=False).model_files == []
+
+
+def test_check_draft_must_differ_from_from(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "Modelfile").write_text("FROM ./m.gguf\nDRAFT m.gguf\n")
+    with pytest.raises(ModelfileError) as info:
+        check_modelfile(tmp_path / "Modelfile")
+    expected = f"DRAFT must not reference the same local path as FROM: {tmp_path / 'm.gguf'}"
+    assert info.value.ollama_error == expected
+    assert info.value.line == 2
+
+
 def test_check_adapter_must_exist(tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     (tmp_path / "Modelfile").write_text("FROM ./m.gguf\nADAPTER ./lora.gguf\n")
@@ -241,7 +258,9 @@ def test_check_parameter_errors_name_their_line():
         check_commands(parse_modelfile(text))
     assert info.value.ollama_error == "unknown parameter 'Temperature'"
     assert info.value.line == 5
-    assert str(info.value) == "(line 5): unknown parameter 'Temperature'"
+    assert str(info.value) == (
+        "(line 5): unknown parameter 'Temperature' (parameter names are case-sensitive: temperature)"
+    )
 
 
 def test_check_parameter_semantics():
@@ -371,302 +390,302 @@ def test_value_parsing_matches_go_strconv(table, parse):
     assert mf.go_parse_float32("0x1p-2") == 0.25 and math.isinf(mf.go_parse_float32("-Inf"))
 
 
-# ------------------------------------------------------------------------------------- ported parser tests
+# --------------------------------------------------------------------------------------------- the grammar
+#
+# One test per rule of the grammar in so8t_export/modelfile.py, on our own examples. That Ollama reads each of
+# these the same way is shown by tests/test_modelfile_differential.py, whose corpus holds them and more.
 
 
-def test_parse_file():
+def test_grammar_tables_spell_ollamas_error_texts():
+    assert mf.COMMANDS == (
+        "from", "license", "template", "system", "adapter", "draft", "renderer", "parser", "parameter",
+        "message", "requires",
+    )  # fmt: skip
+    assert ERR_INVALID_COMMAND == (
+        'command must be one of "from", "license", "template", "system", "adapter", "draft", "renderer", '
+        '"parser", "parameter", "message", or "requires"'
+    )
+    assert ERR_INVALID_MESSAGE_ROLE == 'message role must be one of "system", "user", or "assistant"'
+
+
+def test_parse_every_command():
     text = (
-        "\nFROM model1\nADAPTER adapter1\nLICENSE MIT\nPARAMETER param1 value1\nPARAMETER param2 value2\n"
-        f'TEMPLATE """{LLAMA3_TEMPLATE}"""    \n'
+        "\nFROM base\nADAPTER lora.gguf\nLICENSE Apache-2.0\nPARAMETER top_k 7\nPARAMETER stop END\n"
+        f'TEMPLATE """{SMALL_TEMPLATE}"""    \nSYSTEM be brief\nRENDERER qwen3-coder\nPARSER qwen3-thinking\n'
+        "DRAFT small.gguf\nMESSAGE user hi\nREQUIRES 0.14.0\n"
     )
     assert parse_modelfile(text) == [
-        C("model", "model1"),
-        C("adapter", "adapter1"),
-        C("license", "MIT"),
-        C("param1", "value1"),
-        C("param2", "value2"),
-        C("template", LLAMA3_TEMPLATE),
-    ]
-
-
-def test_parse_file_trim_space():
-    text = (
-        '\nFROM "     model 1"\nADAPTER      adapter3\nLICENSE "MIT       "\nPARAMETER param1        value1\n'
-        f'PARAMETER param2    value2\nTEMPLATE """   {LLAMA3_TEMPLATE}   """    \n'
-    )
-    assert parse_modelfile(text) == [
-        C("model", "     model 1"),
-        C("adapter", "adapter3"),
-        C("license", "MIT       "),
-        C("param1", "value1"),
-        C("param2", "value2"),
-        C("template", f"   {LLAMA3_TEMPLATE}   "),
+        C("model", "base"),
+        C("adapter", "lora.gguf"),
+        C("license", "Apache-2.0"),
+        C("top_k", "7"),
+        C("stop", "END"),
+        C("template", SMALL_TEMPLATE),
+        C("system", "be brief"),
+        C("renderer", "qwen3-coder"),
+        C("parser", "qwen3-thinking"),
+        C("draft", "small.gguf"),
+        C("message", "user: hi"),
+        C("requires", "0.14.0"),
     ]
 
 
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ('FROM "FOO  BAR  "', [C("model", "FOO  BAR  ")]),
-        ('FROM "FOO BAR"\nPARAMETER param1 value1', [C("model", "FOO BAR"), C("param1", "value1")]),
-        ("FROM     FOOO BAR    ", [C("model", "FOOO BAR")]),
-        ("FROM /what/is/the path ", [C("model", "/what/is/the path")]),
-        ("FROM foo", [C("model", "foo")]),
-        ("FROM /path/to/model", [C("model", "/path/to/model")]),
-        ("FROM /path/to/model/fp16.bin", [C("model", "/path/to/model/fp16.bin")]),
-        ("FROM llama3:latest", [C("model", "llama3:latest")]),
-        ("FROM llama3:7b-instruct-q4_K_M", [C("model", "llama3:7b-instruct-q4_K_M")]),
-        ("PARAMETER param1 value1\nFROM foo", [C("param1", "value1"), C("model", "foo")]),
-        (
-            "PARAMETER what the \nFROM lemons make lemonade ",
-            [C("what", "the"), C("model", "lemons make lemonade")],
-        ),
-        ("from foo\nFrOm bar", [C("model", "foo"), C("model", "bar")]),
+        ("FROM base", [C("model", "base")]),
+        ('FROM "  spaced name  "', [C("model", "  spaced name  ")]),
+        ("FROM    two  words   \n", [C("model", "two  words")]),  # blanks around a bare value go
+        ("FROM /models/my model.gguf \n", [C("model", "/models/my model.gguf")]),
+        ("FROM qwen3:4b-thinking-2507-q8_0", [C("model", "qwen3:4b-thinking-2507-q8_0")]),
+        ("PARAMETER top_k 3\nFROM base", [C("top_k", "3"), C("model", "base")]),  # FROM may come last
+        ("from a\nFrOm b\n", [C("model", "a"), C("model", "b")]),  # any case, any number
+        ("FROM\tbase\n", [C("model", "base")]),  # a tab separates too
+        ("FROM \n", [C("model", "")]),  # an empty value is a value
+        ("FROM base # not a comment\n", [C("model", "base # not a comment")]),
+        ("PARAMETER model base\n", [C("model", "base")]),  # a PARAMETER named model counts as FROM
     ],
 )
-def test_parse_file_from(text, expected):
+def test_parse_from(text, expected):
     assert parse_modelfile(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "PARAMETER param1 value1", "# only a comment\n", "SYSTEM hi\n"])
-def test_parse_file_missing_from(text):
+@pytest.mark.parametrize("text", ["", "PARAMETER top_k 3", "# a comment\n", "#FROM base\n", "SYSTEM hi\n"])
+def test_parse_missing_from(text):
     err = parse_error(text)
     assert err.ollama_error == "no FROM line" and err.line is None
 
 
-def test_parse_file_parameter_missing_value():
-    err = parse_error("\nFROM foo\nPARAMETER param1\n")
-    assert err.ollama_error == "unexpected EOF: param1"
-    assert err.line == 4  # Ollama counts the newline that ended the parameter name before failing on it
-
-
-def test_parse_file_bad_command():
-    err = parse_error("\nFROM foo\nBADCOMMAND param1 value1\n")
-    assert err.ollama_error == f"(line 3): {ERR_INVALID_COMMAND}"
-    assert err.line == 3 and err.message == ERR_INVALID_COMMAND
+@pytest.mark.parametrize(
+    "text, ollama_error, line",
+    [
+        ("\nFROM base\nPARAMETER top_k\n", "unexpected EOF: top_k", 3),
+        ("FROM base\nPARAMETER top-k 3\n", "unexpected EOF: top", 2),
+        ("FROM base\nPARAMETER top_k", "unexpected EOF", 2),
+        ("FROM base\nMESSAGE user\n", "unexpected EOF: user", 2),
+        ("FROM base\nMESSAGE user", "unexpected EOF", 2),
+        ("FROM base\nSYSTEM", "unexpected EOF", 2),
+    ],
+)
+def test_parse_head_word_without_value(text, ollama_error, line):
+    err = parse_error(text)
+    assert (err.ollama_error, err.line) == (ollama_error, line)
 
 
 @pytest.mark.parametrize(
-    "text, line",
+    "text, line, ollama_line",
     [
-        ("FROM foo\nFROM\n", 3),  # the newline after FROM is read (and counted) before it is rejected
-        ("FROM foo\nFR0M bar\n", 2),
-        ("FROM foo\n  PARAMETERS x 1\n", 2),
-        ("FROM foo\nSTOP x\n", 2),
-        ("FROM foo\r\nBAD x\r\n", 3),  # CRLF counts as two lines
+        ("\nFROM base\nNOPE x\n", 3, 3),
+        ("FROM base\nSYSTEM\n", 2, 3),  # Ollama counts the line end that cut the command short
+        ("FROM base\nFR0M other\n", 2, 2),
+        ("FROM base\n  PARAMETERS x 1\n", 2, 2),
+        ("FROM base\n_SYSTEM x\n", 2, 2),
+        ("FROM base\nSYS\x00TEM x\n", 2, 2),
+        ("FROM base\r\nNOPE x\r\n", 2, 3),  # Ollama counts CR and LF apart
+        ("FROM\u00a0base\n", 1, 1),  # a no-break space is no separator
     ],
 )
-def test_parse_file_invalid_command_lines(text, line):
+def test_parse_invalid_command(text, line, ollama_line):
     err = parse_error(text)
     assert (err.message, err.line) == (ERR_INVALID_COMMAND, line)
+    assert err.ollama_error == f"(line {ollama_line}): {ERR_INVALID_COMMAND}"
+
+
+def test_parse_keyword_first_character_may_be_unprintable():
+    """The keyword's first character is taken as it is, and an unprintable one is then dropped: Ollama reads a
+    stray BOM, NUL or no-break space in front of a keyword as nothing."""
+    for junk in ("\ufeff", "\x00", "\u200b", "\u00a0", "\f"):
+        assert parse_modelfile(f"{junk}FROM base\nSYSTEM x\n{junk}PARAMETER top_k 1\n") == [
+            C("model", "base"), C("system", "x"), C("top_k", "1"),
+        ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "text, expected",
     [
-        (
-            "\nFROM foo\nMESSAGE system You are a file parser. Always parse things.\n",
-            [C("model", "foo"), C("message", "system: You are a file parser. Always parse things.")],
-        ),
-        (
-            "\nFROM foo\nMESSAGE system You are a file parser. Always parse things.",
-            [C("model", "foo"), C("message", "system: You are a file parser. Always parse things.")],
-        ),
-        (
-            (
-                "\nFROM foo\nMESSAGE system You are a file parser. Always parse things.\nMESSAGE user Hey there!\n"
-                "MESSAGE assistant Hello, I want to parse all the things!\n"
-            ),
-            [
-                C("model", "foo"),
-                C("message", "system: You are a file parser. Always parse things."),
-                C("message", "user: Hey there!"),
-                C("message", "assistant: Hello, I want to parse all the things!"),
-            ],
-        ),
-        (
-            '\nFROM foo\nMESSAGE system """\nYou are a multiline file parser. Always parse things.\n"""\n\t\t\t',
-            [
-                C("model", "foo"),
-                C("message", "system: \nYou are a multiline file parser. Always parse things.\n"),
-            ],
-        ),
+        ("FROM base\nMESSAGE system Answer in one line.\n", C("message", "system: Answer in one line.")),
+        ("FROM base\nMESSAGE user Hello", C("message", "user: Hello")),
+        ("FROM base\nMESSAGE assistant a: b\n", C("message", "assistant: a: b")),
+        ("FROM base\nMESSAGE user \n", C("message", "user: ")),
+        ('FROM base\nMESSAGE system """\nTwo\nlines\n"""\n\t', C("message", "system: \nTwo\nlines\n")),
     ],
 )
-def test_parse_file_messages(text, expected):
-    assert parse_modelfile(text) == expected
+def test_parse_messages(text, expected):
+    assert parse_modelfile(text)[1] == expected
 
 
-def test_parse_file_message_bad_role():
-    err = parse_error("\nFROM foo\nMESSAGE badguy I'm a bad guy!\n")
-    assert err.ollama_error == f"(line 3): {ERR_INVALID_MESSAGE_ROLE}"
-    assert (
-        parse_error("FROM foo\nMESSAGE System hi\n").message == ERR_INVALID_MESSAGE_ROLE
-    )  # roles are lowercase
+@pytest.mark.parametrize("role", ["System", "USER", "tool", ""])
+def test_parse_message_role_is_one_of_three_lowercase_words(role):
+    err = parse_error(f"FROM base\nMESSAGE {role} hi\n")
+    assert (err.message, err.line) == (ERR_INVALID_MESSAGE_ROLE, 2)
+    assert err.ollama_error == f"(line 2): {ERR_INVALID_MESSAGE_ROLE}"
 
 
 @pytest.mark.parametrize(
-    "text, ollama_error",
+    "value, expected",
     [
-        ("\nFROM foo\nMESSAGE system\n", "unexpected EOF: system"),
-        ("\nFROM foo\nMESSAGE system", "unexpected EOF"),
+        ('"""\nline one\nline two\n"""\n\t', "\nline one\nline two\n"),
+        ('"""line one\nline two"""', "line one\nline two"),
+        ('"""one line"""   ', "one line"),
+        ('"""say "hi" twice"""', 'say "hi" twice'),
+        ('"""say """hi""" now"""', 'say """hi""" now'),  # a """ inside a line does not close
+        ('""""""', ""),
+        ('""', ""),
+        ("\"'\"", "'"),
+        ('"""""""', '"'),  # the closing """ may not overlap the opening one
+        ('"a" b\nmore"', 'a" b\nmore'),  # text after a closing quote keeps the value open
+        ('"a"\t \n', "a"),
+        ("'single quotes are text'", "'single quotes are text'"),
+        ('x "not a quote"', 'x "not a quote"'),
+        ('"""a\rb\r\nc"""', "a\rb\r\nc"),  # inside quotes every line end is kept
+        ("   \n", ""),
     ],
 )
-def test_parse_file_message_missing_text(text, ollama_error):
-    assert parse_error(text).ollama_error == ollama_error
+def test_read_value(value, expected):
+    assert parse_modelfile(f"FROM base\nSYSTEM {value}")[1] == C("system", expected)
+    assert mf.read_value(value)[0] == expected
 
 
 @pytest.mark.parametrize(
-    "text, expected",
-    [
-        (
-            '\nFROM foo\nSYSTEM """\nThis is a\nmultiline system.\n"""\n\t\t\t',
-            [C("model", "foo"), C("system", "\nThis is a\nmultiline system.\n")],
-        ),
-        (
-            '\nFROM foo\nSYSTEM """\nThis is a\nmultiline system."""\n\t\t\t',
-            [C("model", "foo"), C("system", "\nThis is a\nmultiline system.")],
-        ),
-        (
-            '\nFROM foo\nSYSTEM """This is a\nmultiline system."""\n\t\t\t',
-            [C("model", "foo"), C("system", "This is a\nmultiline system.")],
-        ),
-        (
-            '\nFROM foo\nSYSTEM """This is a multiline system."""\n\t\t\t',
-            [C("model", "foo"), C("system", "This is a multiline system.")],
-        ),
-        (
-            '\nFROM foo\nSYSTEM """\nThis is a multiline system with "quotes".\n"""\n',
-            [C("model", "foo"), C("system", '\nThis is a multiline system with "quotes".\n')],
-        ),
-        ('\nFROM foo\nSYSTEM """"""\n', [C("model", "foo"), C("system", "")]),
-        ('\nFROM foo\nSYSTEM ""\n', [C("model", "foo"), C("system", "")]),
-        ('\nFROM foo\nSYSTEM "\'"\n', [C("model", "foo"), C("system", "'")]),
-        (
-            '\nFROM foo\nSYSTEM """\'\'"\'""\'""\'"\'\'\'\'\'""\'""\'"""\n',
-            [C("model", "foo"), C("system", "''\"'\"\"'\"\"'\"'''''\"\"'\"\"'")],
-        ),
-        (
-            '\nFROM foo\nTEMPLATE """\n{{ .Prompt }}\n"""',
-            [C("model", "foo"), C("template", "\n{{ .Prompt }}\n")],
-        ),
-    ],
+    "text", ['FROM base\nSYSTEM """not closed.""\n\t', 'FROM base\nSYSTEM "\n\t', 'FROM base\nSYSTEM """"\n']
 )
-def test_parse_file_quoted(text, expected):
-    assert parse_modelfile(text) == expected
-
-
-@pytest.mark.parametrize(
-    "text", ['\nFROM foo\nSYSTEM """This is a multiline system.""\n\t\t\t', '\nFROM foo\nSYSTEM "\n\t\t\t']
-)
-def test_parse_file_unterminated_quote(text):
+def test_parse_unterminated_quote(text):
     err = parse_error(text)
     assert err.ollama_error == "unexpected EOF"
-    assert err.line == 3  # ours: the line the unterminated value started on
+    assert err.line == 2  # ours: the line the value started on
     assert "never closed" in str(err)
 
 
-def test_triple_quote_inside_a_value_ends_it_early():
-    """Why render_modelfile refuses a \"\"\" in SYSTEM: the value would stop at the first line ending in \"\"\"."""
-    text = 'FROM foo\nSYSTEM """Say\n"""hi"""\nPARAMETER top_k 1\n"""\n'  # what naive quoting would write
+def test_triple_quote_ending_a_line_ends_the_value():
+    """Why render_modelfile refuses a \"\"\" in SYSTEM: the value stops at the first line ending in \"\"\"."""
+    text = 'FROM base\nSYSTEM """Say\n"""hi"""\nPARAMETER top_k 1\n"""\n'  # what naive quoting would write
     err = parse_error(text)
     assert (err.message, err.line) == (ERR_INVALID_COMMAND, 5)  # the stray closing """ is read as a command
     assert parse_modelfile(text.rsplit('"""', 1)[0])[1] == C("system", 'Say\n"""hi')
 
 
-PARAMETER_TABLE = {
-    "numa true": ("numa", "true"),
-    "num_ctx 1": ("num_ctx", "1"),
-    "num_batch 1": ("num_batch", "1"),
-    "num_gqa 1": ("num_gqa", "1"),
-    "num_gpu 1": ("num_gpu", "1"),
-    "main_gpu 1": ("main_gpu", "1"),
-    "use_mmap true": ("use_mmap", "true"),
-    "num_thread 1": ("num_thread", "1"),
-    "num_keep 1": ("num_keep", "1"),
-    "seed 1": ("seed", "1"),
-    "num_predict 1": ("num_predict", "1"),
-    "top_k 1": ("top_k", "1"),
-    "top_p 1.0": ("top_p", "1.0"),
-    "min_p 0.05": ("min_p", "0.05"),
-    "typical_p 1.0": ("typical_p", "1.0"),
-    "repeat_last_n 1": ("repeat_last_n", "1"),
-    "temperature 1.0": ("temperature", "1.0"),
-    "repeat_penalty 1.0": ("repeat_penalty", "1.0"),
-    "presence_penalty 1.0": ("presence_penalty", "1.0"),
-    "frequency_penalty 1.0": ("frequency_penalty", "1.0"),
-    "penalize_newline true": ("penalize_newline", "true"),
-    "stop ### User:": ("stop", "### User:"),
-    "stop ### User: ": ("stop", "### User:"),
-    'stop "### User:"': ("stop", "### User:"),
-    'stop "### User: "': ("stop", "### User: "),
-    'stop """### User:"""': ("stop", "### User:"),
-    'stop """### User:\n"""': ("stop", "### User:\n"),
-    "stop <|endoftext|>": ("stop", "<|endoftext|>"),
-    "stop <|eot_id|>": ("stop", "<|eot_id|>"),
-    "stop </s>": ("stop", "</s>"),
-}
+@pytest.mark.parametrize(
+    "line, name, value",
+    [
+        ("num_ctx 8192", "num_ctx", "8192"),
+        ("stop <|im_end|>", "stop", "<|im_end|>"),
+        ("stop ### User: ", "stop", "### User:"),
+        ('stop "### User: "', "stop", "### User: "),
+        ('stop """### User:\n"""', "stop", "### User:\n"),
+        (" stop x", "", "stop x"),  # two blanks after PARAMETER: an empty name (refused by the request)
+        ("Temperature 0.6", "Temperature", "0.6"),  # names keep their case
+        ("numa true", "numa", "true"),  # any name parses; the request builder checks it
+    ],
+)
+def test_parse_parameters(line, name, value):
+    assert parse_modelfile(f"FROM base\nPARAMETER {line}\n") == [C("model", "base"), C(name, value)]
 
 
-@pytest.mark.parametrize("line", PARAMETER_TABLE)
-def test_parse_file_parameters(line):
-    name, value = PARAMETER_TABLE[line]
-    assert parse_modelfile(f"FROM foo\nPARAMETER {line}\n") == [C("model", "foo"), C(name, value)]
-
-
-def test_parse_file_comments():
-    assert parse_modelfile("\n# comment\nFROM foo\n\t") == [C("model", "foo")]
+def test_parse_comments():
+    assert parse_modelfile("\n# comment\nFROM base\n\t") == [C("model", "base")]
+    assert parse_modelfile("  # indented\nFROM base\n# last, without a line end") == [C("model", "base")]
     # '#' starts a comment only where a command could start; inside a value it is text.
-    assert parse_modelfile("FROM foo # not a comment\n  # a comment\n") == [C("model", "foo # not a comment")]
+    assert parse_modelfile("FROM base # text\n  # a comment\n") == [C("model", "base # text")]
+    assert parse_modelfile('FROM base\nSYSTEM """a\n# text\nb"""\n')[1] == C("system", "a\n# text\nb")
 
 
-UTF16_DATA = "FROM bob\nPARAMETER param1 1\nPARAMETER param2 4096\nSYSTEM You are a utf16 file.\n"
-UTF16_EXPECTED = [
-    C("model", "bob"),
-    C("param1", "1"),
-    C("param2", "4096"),
-    C("system", "You are a utf16 file."),
-]
+BOM_TEXT = "FROM base\nPARAMETER top_k 1\nSYSTEM Written with a byte order mark.\n"
 
 
 @pytest.mark.parametrize(
     "bom, codec", [(b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"), (b"\xef\xbb\xbf", "utf-8")]
 )
-def test_parse_file_bom(bom, codec):
-    assert parse_modelfile(bom + UTF16_DATA.encode(codec)) == UTF16_EXPECTED
+def test_parse_bom(bom, codec):
+    assert parse_modelfile(bom + BOM_TEXT.encode(codec)) == [
+        C("model", "base"), C("top_k", "1"), C("system", "Written with a byte order mark."),
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "bom, codec", [(b"", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be")]
 )
 def test_parse_multibyte(bom, codec):
-    data = bom + "FROM test\n\tSYSTEM 你好👋".encode(codec)
-    assert parse_modelfile(data) == [C("model", "test"), C("system", "你好👋")]
+    data = bom + "FROM base\n\tSYSTEM 日本語 👋".encode(codec)
+    assert parse_modelfile(data) == [C("model", "base"), C("system", "日本語 👋")]
 
 
-def test_parse_drops_non_printable_runes():
-    assert parse_modelfile("FROM foo\nSYSTEM a\u200bb\u00a0c\x07d\n")[1] == C("system", "abcd")
-    # ...except tabs and line breaks inside a quoted value, which are kept
-    assert parse_modelfile('FROM foo\nSYSTEM """a\tb\r\nc"""\n')[1] == C("system", "a\tb\r\nc")
+@pytest.mark.parametrize(
+    "data, text",
+    [
+        (b"a\xe2\x82b", "a\ufffdb"),  # plain UTF-8: one U+FFFD per ill-formed sequence
+        (b"\xef\xbb\xbfa\xe2\x82b", "a\ufffd\ufffdb"),  # after a UTF-8 BOM: one per bad byte
+        (b"a\xed\xa0\x80b", "a\ufffd\ufffd\ufffdb"),
+        (b"\xff\xfea\x00\x00\xdc\x00\xdcb\x00", "a\ufffdb"),  # UTF-16: low + low is taken as one bad pair
+        (b"\xff\xfea\x00\x00\xd8x", "a\ufffd\ufffd"),  # a lone high surrogate, then an odd byte
+        (b"\xff\xfe=\xd8\x00\xde", "\U0001f600"),
+        ("FROM x".encode("utf-16-le"), "F\x00R\x00O\x00M\x00 \x00x\x00"),  # no BOM: read as UTF-8
+    ],
+)
+def test_decode_modelfile(data, text):
+    assert mf.decode_modelfile(data) == text
 
 
-def test_create_request_typing():
-    """TestCreateRequest: temperature is float32, top_k int64, licenses and messages collected."""
+def test_parse_drops_unprintable_characters():
+    assert parse_modelfile("FROM base\nSYSTEM a\u200bb\u00a0c\x07d\ue000e\n")[1] == C("system", "abcde")
+    # ...except tabs and line ends inside a quoted value, which are kept
+    assert parse_modelfile('FROM base\nSYSTEM """a\tb\r\nc"""\n')[1] == C("system", "a\tb\r\nc")
+
+
+def test_go_is_print_knows_unicode_15():
+    """Go's tables are Unicode 15.0; Python 3.11's unicodedata is 14.0 (see _UNICODE_15_PRINTABLE)."""
+    for ch in ("\U0001fae8", "\U00011f00", "\U00031350", "\u0cf3", "a", " ", "日"):
+        assert mf.go_is_print(ch), repr(ch)
+    for ch in ("\t", "\n", "\u00a0", "\u200b", "\ufeff", "\ue000", "\u0378", "\U0001fae9"):
+        assert not mf.go_is_print(ch), repr(ch)
+
+
+def test_check_grammar_builds_the_request():
     text = (
-        "FROM test\nPARAMETER temperature 0.5\nPARAMETER top_k 1\nSYSTEM You are a bot.\nLICENSE license1\n"
-        "LICENSE license2\nMESSAGE user Hello there!\nMESSAGE assistant Hi! How are you?\n"
+        "FROM base\nPARAMETER temperature 0.5\nPARAMETER top_k 1\nSYSTEM one\nSYSTEM two\nLICENSE first\n"
+        "LICENSE second\nMESSAGE user Hello!\nMESSAGE assistant Hi: there\nREQUIRES v0.14.0\nTEMPLATE t\n"
+        "RENDERER r\nPARSER p\nPARAMETER stop a\nPARAMETER stop b\n"
     )
-    cmds = parse_modelfile(text)
-    assert check_commands(cmds).parameters == {"temperature": 0.5, "top_k": 1}
-    assert [c.args for c in cmds if c.name == "message"] == [
-        "user: Hello there!",
-        "assistant: Hi! How are you?",
+    result = mf.check_grammar(text)
+    assert result.parameters == {"temperature": 0.5, "top_k": 1, "stop": ["a", "b"]}
+    assert (result.template, result.system, result.renderer, result.parser) == ("t", "two", "r", "p")
+    assert result.licenses == ["first", "second"]
+    assert result.messages == [("user", "Hello!"), ("assistant", "Hi: there")]
+    assert result.requires == "0.14.0"
+
+
+def test_check_grammar_reads_parameters_named_like_commands_as_those_commands():
+    result = mf.check_grammar("PARAMETER model base\nPARAMETER system be brief\nPARAMETER message hello\n")
+    assert result.system == "be brief" and result.messages == [("hello", "")]
+    assert result.warnings == [
+        "(line 1): Ollama reads PARAMETER model as the command FROM",
+        "(line 2): Ollama reads PARAMETER system as the command SYSTEM",
+        "(line 3): Ollama reads PARAMETER message as the command MESSAGE",
     ]
+    with pytest.raises(ModelfileError, match="requires must be a valid semver"):
+        mf.check_grammar("FROM base\nPARAMETER requires banana\n")
+
+
+def test_float_parameters_are_float32_rounded_exactly():
+    """Go rounds the decimal straight to float32; going through float64 first would round this one down."""
+    assert mf.go_parse_float32("1.0000000596046447753906250001") == 1 + 2**-23
+    assert mf.go_parse_float32("1.000000059604644775390625") == 1.0  # a tie: to even
+    assert mf.go_parse_float32("0.6") == 0.6000000238418579
+    assert mf.go_parse_float32("0x1.000001fffffffffffffffp0") == 1 + 2**-23
+    assert mf.go_parse_float32("1e-46") == 0.0 and mf.go_parse_float32("1e-45") == 2**-149
+    assert mf.go_parse_float32("0." + "3" * 5000) == mf.go_parse_float32("0.333333333")
+    assert mf.go_parse_float32("0e99999999999") == 0.0
+    for bad in ("1e99999999999", "3.4028236e38", "0x1p128"):
+        with pytest.raises(ValueError):
+            mf.go_parse_float32(bad)
 
 
 def test_line_numbers_are_recorded():
-    cmds = parse_modelfile('# c\nFROM foo\n\nSYSTEM """a\nb"""\nPARAMETER top_k 1\n')
-    assert [(c.name, c.line) for c in cmds] == [("model", 2), ("system", 4), ("top_k", 6)]
+    cmds = parse_modelfile('# c\nFROM base\n\nSYSTEM """a\nb"""\nPARAMETER top_k 1\n')
+    assert [(c.name, c.line, c.keyword) for c in cmds] == [
+        ("model", 2, "from"), ("system", 4, "system"), ("top_k", 6, "parameter"),
+    ]  # fmt: skip
+    # CRLF is one line end for our line numbers (Ollama's error texts count two)
+    assert [c.line for c in parse_modelfile("FROM base\r\n\r\nSYSTEM x\r\n")] == [1, 3]
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
