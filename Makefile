@@ -11,7 +11,20 @@ LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CPP_CFLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_CPP_WHEELS := $(HOME)/.cache/so8t-export/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-no-amx
 
-.PHONY: install demo test mutants
+# Ollama v0.24.0 for `make ollama-e2e`: the newest release that compiles its engine (ggml, llama.cpp) into the Go
+# binary (v0.30+ needs a llama-server built from a llama.cpp fetched at configure time). Built by package name;
+# the module zip leaves out llama/llama.cpp/vendor/, so its headers come from Debian (nlohmann-json3-dev,
+# libstb-dev: the code includes <nlohmann/json.hpp> and "stb/stb_image.h") and from our miniaudio stub
+# (ollama_e2e/include), which disables audio input only. The folder is keyed by the version and the stub's
+# hash: the stub lives in the folder too, so a changed stub is a new include path, which Go's build cache
+# (keyed by the cgo flags) does not confuse with the old objects. ldflags as Ollama's release builds set them.
+OLLAMA_VERSION := 0.24.0
+OLLAMA_STUB := ollama_e2e/include/miniaudio/miniaudio.h
+OLLAMA_DIR := $(HOME)/.cache/so8t-export/ollama-$(OLLAMA_VERSION)-$(shell sha256sum $(OLLAMA_STUB) | cut -c1-12)
+OLLAMA := $(OLLAMA_DIR)/bin/ollama
+OLLAMA_LDFLAGS := -w -s -X=github.com/ollama/ollama/version.Version=$(OLLAMA_VERSION) -X=github.com/ollama/ollama/server.mode=release
+
+.PHONY: install demo test mutants ollama-e2e
 
 # torch first, pinned: pip then takes the CPU build on this machine's disk, and no dependency can pull a CUDA
 # torch. The llama-cpp-python build takes ~8 min on 2 cores the first time; the folder above keeps it.
@@ -36,3 +49,15 @@ test: install
 # Deliberate breakages of the rotation code, each of which the fast tests must catch (tests/mutants.py).
 mutants: install
 	$(PYTHON) tests/mutants.py
+
+# The demo model through a real Ollama, end to end (ollama_e2e/run.py). The first build compiles ~175 C/C++ files
+# (about 6 min on 2 cores); after that the binary is reused, and Go's build cache keeps the objects for a relink.
+ollama-e2e: install
+	@test -f /usr/include/nlohmann/json.hpp && test -f /usr/include/stb/stb_image.h || \
+		{ apt-get update -qq && apt-get install -y -qq nlohmann-json3-dev libstb-dev >/dev/null; }
+	@test -x $(OLLAMA) || { \
+		echo "building ollama $(OLLAMA_VERSION) into $(OLLAMA_DIR) (first time: several minutes)"; \
+		mkdir -p $(OLLAMA_DIR)/include/miniaudio && cp $(OLLAMA_STUB) $(OLLAMA_DIR)/include/miniaudio/ && \
+		GOBIN=$(OLLAMA_DIR)/bin CGO_ENABLED=1 CGO_CPPFLAGS=-I$(OLLAMA_DIR)/include \
+			go install -ldflags='$(OLLAMA_LDFLAGS)' github.com/ollama/ollama@v$(OLLAMA_VERSION); }
+	$(PYTHON) -m ollama_e2e.run --ollama $(OLLAMA)
