@@ -11,12 +11,15 @@ import math
 import os
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .io import PathError, require_regular_file
-from .quants import BlockFP8
+
+if TYPE_CHECKING:
+    from .quants import BlockFP8
 
 SCALE_SUFFIX = ".weight_scale_inv"
 INDEX_FILE = "model.safetensors.index.json"
@@ -314,6 +317,8 @@ class CheckpointReader:
                                   f"expected {expected} for {name} {tuple(shape)} in {br}x{bc} blocks")
         first, last, _ = (rows or slice(None)).indices(shape[0])
         weight = self.read_raw(name, rows)
+        from .quants import BlockFP8  # the encoders (numba, gguf) are the exporter's; loading needs neither
+
         return BlockFP8.from_torch(weight, scale[first // br: math.ceil(last / br)], self.fp8_block, first % br)
 
     def close(self) -> None:

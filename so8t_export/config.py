@@ -47,6 +47,7 @@ _FIELD_TYPES: dict[str, tuple] = {
         "so8t_cross_head_interaction", "so8t_non_commutative_gates", "so8t_vector_representation",
         "so8t_spinor_plus_representation", "so8t_spinor_minus_representation")},
     "hidden_act": (lambda v: isinstance(v, str), "a string"),
+    "use_flash_attention": (lambda v: isinstance(v, bool), "true or false"),
     "torch_dtype": (lambda v: isinstance(v, str), "a string"),
     "rope_scaling": (lambda v: v is None or isinstance(v, dict), "null or an object"),
     "sliding_window": (lambda v: v is None or _int(v), "null or an integer"),
@@ -60,6 +61,10 @@ _FIELD_TYPES: dict[str, tuple] = {
 # The --quant choices (quants.OUTPUT_TYPES maps them to ggml types); here so that the command line can offer
 # them without importing the encoders (torch, numba).
 OUTPUT_TYPE_NAMES = ("f32", "f16", "bf16", "q8_0")
+
+# attn_implementation's values, as transformers names them: the explicit softmax, SDPA choosing its kernel,
+# and SDPA held to its FLASH_ATTENTION kernel (PyTorch's own, not the flash-attn package).
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
 # The classes of the two heads, in logit order (so8t.*_head.labels in the GGUF schema).
 HEAD_LABELS = {"safety": ("safe", "unsafe"), "authority": ("handle", "escalate")}
@@ -102,6 +107,10 @@ class SO8TConfig:
     eos_token_id: int | list[int] | None = 151645
     pad_token_id: int | None = None
     torch_dtype: str = "bfloat16"
+    # How attention runs (not part of the function): attn_implementation names the backend (None: "sdpa");
+    # use_flash_attention, the seed's switch, means "flash_attention_2".
+    attn_implementation: str | None = None
+    use_flash_attention: bool = False
 
     # SO8T fields (README, "Configuration", says what each flag does).
     so8t_rotation_dim: int = 8
@@ -172,6 +181,10 @@ class SO8TConfig:
             fail("use_sliding_window", "false (Qwen3-4B attends over the full context)")
         if self.rope_scaling and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) != "default":
             fail("rope_scaling", "null or rope_type 'default' (scaled RoPE is not implemented)")
+        if self.attn_implementation is not None and self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            fail("attn_implementation", f"null or one of {', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}")
+        if self.use_flash_attention and self.attn_implementation not in (None, "flash_attention_2"):
+            fail("attn_implementation", "null or 'flash_attention_2' while use_flash_attention is true")
         if self.torch_dtype not in ("float32", "float16", "bfloat16", "float64"):
             fail("torch_dtype", "one of float32, float16, bfloat16, float64")
 

@@ -4,7 +4,9 @@ A plain Qwen3 checkpoint is loaded function-preserving: every rotated projection
 rotation (fold.unfold_weight, in float64, cast once), so the SO8T model computes what the base computes.
 An SO8T checkpoint (model_type "so8t") is loaded as stored: rotations, heads and weights, nothing absorbed.
 Tensors are built on the meta device and assigned one at a time, so loading holds the model plus at most a
-few temporaries the size of the largest tensor.
+few temporaries the size of the largest tensor, each moved to the target device as it is read. With
+fold=True the model is loaded folded (it then runs as plain Qwen3); save_pretrained writes such a model
+unfolded, so every checkpoint on disk is an ordinary SO8T (or Qwen3) one.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from safetensors.torch import save_file
 from . import triality
 from .checkpoint import FLOAT_DTYPES, INDEX_FILE, SCALE_SUFFIX, SINGLE_FILE, CheckpointError, CheckpointReader
 from .config import MODEL_TYPE, SO8TConfig
-from .fold import role, unfold_weight
+from .fold import fold_weight, role, unfold_weight
 from .io import atomic_output, current_umask, fsync_folder
 from .model import SO8TTransformerForCausalLM
 from .rotation import plan_rotations
@@ -44,6 +46,67 @@ def resolve_dtype(torch_dtype, config: SO8TConfig) -> torch.dtype:
         return _DTYPES[str(torch_dtype).removeprefix("torch.")]
     except KeyError:
         raise ValueError(f"torch_dtype {torch_dtype!r}; expected one of {sorted(_DTYPES)} or 'auto'") from None
+
+
+def resolve_device(device_map=None, device=None) -> torch.device:
+    """Where from_pretrained puts the model, from transformers-style arguments: device_map "auto" (CUDA when
+    it is available, else MPS, else the CPU), a device name ("cpu", "cuda", "cuda:1", "mps"), an index, a
+    torch.device or {"": device}; or device=. The whole model goes to one device."""
+    given = [(name, value, _parse_device(name, value))
+             for name, value in (("device_map", device_map), ("device", device)) if value is not None]
+    if not given:
+        return torch.device("cpu")
+    if len(given) == 2 and given[0][2] != given[1][2]:
+        raise ValueError(f"device_map = {device_map!r} and device = {device!r} disagree; give one of them")
+    return _available(*given[0])
+
+
+_EXPECTED_DEVICE = ("expected 'auto', 'cpu', 'cuda', 'cuda:N', 'mps', a device index, a torch.device or "
+                    "{'': device} (the whole model on one device)")
+
+
+def _parse_device(name: str, value) -> torch.device:
+    if isinstance(value, dict):
+        if set(value) != {""}:
+            raise ValueError(f"{name} = {value!r:.120}; SO8T places the whole model on one device: "
+                             f"{_EXPECTED_DEVICE}")
+        value = value[""]
+    if isinstance(value, str) and value == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if isinstance(value, bool) or not isinstance(value, (str, int, torch.device)):
+        raise ValueError(f"{name} = {value!r:.120}; {_EXPECTED_DEVICE}")
+    try:
+        return torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{name} = {value!r}; {_EXPECTED_DEVICE}") from None
+
+
+def _available(name: str, value, device: torch.device) -> torch.device:
+    """device itself, where this machine has it (CUDA without an index: the current GPU)."""
+    if device.type == "cpu":
+        return device
+    if device.type == "meta":
+        raise ValueError(f"{name} = {value!r}: the meta device holds no weights; load on a real device, then "
+                         "use .to('meta')")
+    backend = getattr(torch, device.type, None)
+    if device.type == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    elif backend is not None and hasattr(backend, "is_available") and hasattr(backend, "device_count"):
+        available = backend.is_available()
+        count = backend.device_count() if available else 0
+    else:
+        raise ValueError(f"{name} = {value!r}: this torch has no {device.type} support; {_EXPECTED_DEVICE}")
+    if not available:
+        raise ValueError(f"{name} = {value!r}: no {device.type} device is available here (torch "
+                         f"{torch.__version__}); use 'cpu' or 'auto'")
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"{name} = {value!r}: there {'is' if count == 1 else 'are'} {count} {device.type} "
+                         f"device{'' if count == 1 else 's'} here (indices 0 to {count - 1})")
+    if device.index is None and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def source_name(name: str, is_so8t: bool) -> str:
@@ -127,12 +190,18 @@ def rotations_and_heads(reader: CheckpointReader, config: SO8TConfig, is_so8t: b
     return rotations, cross_head, heads
 
 
-def load_pretrained(model_dir: str | Path, torch_dtype=None, **config_overrides) -> SO8TTransformerForCausalLM:
+def load_pretrained(model_dir: str | Path, torch_dtype=None, *, device_map=None, device=None, fold: bool = False,
+                    **config_overrides) -> SO8TTransformerForCausalLM:
+    """The model of an SO8T or plain Qwen3 checkpoint on one device (resolve_device), folded when fold is
+    true: an SO8T checkpoint's q/k/v/gate/up are folded as they are read (float64, cast once); a plain Qwen3
+    checkpoint already holds the folded weights, so they are taken as they are, with nothing absorbed."""
+    target = resolve_device(device_map, device)
     with CheckpointReader(model_dir) as reader:
-        return _load(reader, model_dir, torch_dtype, config_overrides)
+        return _load(reader, model_dir, torch_dtype, config_overrides, target, fold)
 
 
-def _load(reader: CheckpointReader, model_dir: str | Path, torch_dtype, config_overrides: dict):
+def _load(reader: CheckpointReader, model_dir: str | Path, torch_dtype, config_overrides: dict,
+          device: torch.device = torch.device("cpu"), fold: bool = False):
     is_so8t = reader.raw_config.get("model_type") == MODEL_TYPE
     config = SO8TConfig.from_dict(reader.raw_config, source=str(Path(model_dir) / "config.json"),
                                   **config_overrides)
@@ -144,18 +213,28 @@ def _load(reader: CheckpointReader, model_dir: str | Path, torch_dtype, config_o
     check_tensors(reader, config, is_so8t)
     rotations, cross_head, heads = rotations_and_heads(reader, config, is_so8t, dtype)
     state: dict[str, torch.Tensor] = {ROTATION_BUFFERS[0]: rotations, ROTATION_BUFFERS[1]: cross_head, **heads}
-    # Absorb in float64 with exactly the float32 rotations the model holds and applies, cast once.
-    plan = plan_rotations(config, rotations.double(), cross_head.double())
+    state = {name: tensor.to(device) for name, tensor in state.items()}
+    # Absorb (or fold) in float64 with exactly the float32 rotations the model holds and applies, cast once;
+    # on a CUDA target the GPU does it.
+    work = device if device.type == "cuda" else torch.device("cpu")
+    plan = plan_rotations(config, rotations.double().to(work), cross_head.double().to(work))
+    transform = (fold_weight if is_so8t else None) if fold else (None if is_so8t else unfold_weight)
 
     for name in model.state_dict():
         src = source_name(name, is_so8t)
         if name in state or (config.tie_word_embeddings and name == "task_head.weight"):
             continue  # generated extras, or the tied head (check_tensors has vouched for everything else)
-        if is_so8t or role(src).side == "none":
-            state[name] = reader.read(src, dtype)
+        if transform is None or role(src).side == "none":
+            state[name] = reader.read(src, dtype).to(device)
         else:
-            state[name] = unfold_weight(src, reader.read(src, torch.float64), plan).to(dtype).contiguous()
+            # float32 holds bf16/f16/f32 values exactly and moves half the bytes to the GPU; FP8 scaled by a
+            # float32 scale needs float64 to be exact
+            exact = torch.float32 if reader.info(src)["dtype"] in ("BF16", "F16", "F32") else torch.float64
+            weight = reader.read(src, exact if work.type == "cuda" else torch.float64).to(work).double()
+            state[name] = transform(src, weight, plan).to(device=device, dtype=dtype).contiguous()
+            del weight
     model.load_state_dict(state, strict=False, assign=True)
+    model.model.folded = fold
     if config.tie_word_embeddings:
         model.task_head.weight = model.model.embed_tokens.weight
     missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -209,9 +288,10 @@ def save_pretrained(model: SO8TTransformerForCausalLM, model_dir: str | Path,
     """
     model_dir = Path(model_dir)
     existing = check_save_target(model_dir)
-    state = {n: t.detach().contiguous() for n, t in model.state_dict().items()
+    state = {n: t.detach() for n, t in model.state_dict().items()
              if not (model.config.tie_word_embeddings and n == "task_head.weight")}
     shards = _shard(state, max_shard_bytes)
+    stored = _as_stored(model)
     files = [SINGLE_FILE] if len(shards) == 1 else [
         f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     source = Path(model.name_or_path) if getattr(model, "name_or_path", None) else None
@@ -220,7 +300,7 @@ def save_pretrained(model: SO8TTransformerForCausalLM, model_dir: str | Path,
         model.config.save_pretrained(folder)
         for file, shard in zip(files, shards):
             with atomic_output(folder / file) as tmp:
-                save_file(shard, tmp, metadata={"format": "pt"})
+                save_file({name: stored(name, t) for name, t in shard.items()}, tmp, metadata={"format": "pt"})
         if len(shards) > 1:
             weight_map = {name: file for file, shard in zip(files, shards) for name in shard}
             with atomic_output(folder / INDEX_FILE) as tmp:
@@ -250,6 +330,23 @@ def save_pretrained(model: SO8TTransformerForCausalLM, model_dir: str | Path,
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     fsync_folder(model_dir.parent)
+
+
+def _as_stored(model: SO8TTransformerForCausalLM):
+    """(name, tensor) -> the tensor as an SO8T checkpoint holds it. A folded model (fold_) is written
+    unfolded (fold.unfold_weight in float64, cast once to its dtype), one shard at a time, so the folder is an
+    ordinary SO8T checkpoint that export and from_pretrained read unchanged."""
+    if not model.is_folded:
+        return lambda name, tensor: tensor.contiguous()
+    plan = model.rotation_plan_float64()
+    work = plan.q_heads.device
+
+    def stored(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if role(name).side == "none":
+            return tensor.contiguous()
+        return unfold_weight(name, tensor.to(work, torch.float64), plan).to(tensor.dtype).contiguous()
+
+    return stored
 
 
 def _same_file(a: Path, b: Path) -> bool:

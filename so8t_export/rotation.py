@@ -111,6 +111,92 @@ def rotate_blocks(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return (blocks @ rotation.to(x.dtype).T).reshape(x.shape)
 
 
+# ---------------------------------------------------------------------------------------------- fast path
+# What the model's forward applies. rotate_heads costs two einsums (each a permuted copy and a small matmul)
+# per projection; the map it applies acts on every 8-coordinate block of a head the same way and never mixes
+# groups of 8 heads, so per group it is one matrix on (head in group, coordinate in block): 64x64 with
+# cross-head mixing, 8x8 (one per head) without. head_blocks reads those matrices off rotate_heads itself,
+# by pushing unit vectors through it, so the fast path is the einsum map by construction (to float rounding)
+# and follows any change to it; the checking section below stays independent of both.
+@dataclass(frozen=True)
+class FusedRotations:
+    """A plan as the forward applies it, in the dtype the rotations run in (float32, float64 for float64)."""
+
+    qkv: torch.Tensor  # [G_q + 2 G_kv, 8a, 8a]: q's groups, then k's, then v's; a heads per group (8 or 1)
+    mlp: torch.Tensor  # [num_hidden_layers, 8, 8]
+
+
+def head_blocks(heads: torch.Tensor, cross_head: torch.Tensor | None, within_head_first: bool,
+                group: int) -> torch.Tensor:
+    """[H/group, 8*group, 8*group]: rotate_heads on one 8-coordinate block of each head, group by group.
+
+    Block g maps the column vector x[(a, j)] = coordinate j of head g*group + a (in one block of each head) to
+    the same block of the rotated heads, so rotate_heads(x) == apply_head_blocks(x, blocks) for any head_dim.
+    group must hold whole mixing groups: 8 with cross-head mixing; 1 or 8 without.
+    """
+    num_heads, size = heads.shape[0], BLOCK * group
+    # With head_dim = 8 each head is one block: row k of the images is the map of unit vector k.
+    images = rotate_heads(torch.eye(num_heads * BLOCK, dtype=heads.dtype, device=heads.device), heads,
+                          cross_head, within_head_first)
+    full = images.T.reshape(num_heads // group, size, num_heads // group, size)  # x -> full @ x
+    return full.diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+
+
+def fuse_rotations(plan: RotationPlan, dtype: torch.dtype) -> FusedRotations:
+    """The plan's maps as FusedRotations in dtype: composed in float64 from its matrices, rounded once."""
+    device = plan.q_heads.device
+    # float64 wherever it exists (not on MPS); the matrices are tiny, so the CPU does it there
+    work = device if device.type in ("cpu", "cuda", "meta") else torch.device("cpu")
+    cross = None if plan.cross_head is None else plan.cross_head.to(work, torch.float64)
+    group = BLOCK if cross is not None else 1
+    q_heads, kv_heads = plan.q_heads.to(work, torch.float64), plan.kv_heads.to(work, torch.float64)
+    q = head_blocks(q_heads, cross, plan.within_head_first, group)
+    kv = head_blocks(kv_heads, cross, plan.within_head_first, group)
+    return FusedRotations(qkv=torch.cat([q, kv, kv]).to(device, dtype), mlp=plan.mlp.to(device, dtype))
+
+
+def apply_head_blocks(x: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [..., W] (heads of D coordinates, in groups) -> each group's blocks applied to every 8-coordinate
+    block of its heads, computed in blocks' dtype and returned in dtype (x's by default).
+
+    One batched matmul: [.., G, a heads, D/8 blocks, 8 coords] is permuted to put (head, coord) together,
+    multiplied by the [G, 8a, 8a] stack and permuted back; the casts ride on the two permuting copies.
+    """
+    groups, size = blocks.shape[0], blocks.shape[-1]
+    heads, width = size // BLOCK, x.shape[-1]
+    per_head = width // (groups * size)  # D / 8
+    grouped = x.reshape(-1, groups, heads, per_head, BLOCK).permute(1, 0, 3, 2, 4)  # [G, N, D/8, a, 8]
+    grouped = _contiguous_as(grouped, blocks.dtype).view(groups, -1, size)
+    rotated = torch.bmm(grouped, blocks.transpose(1, 2))  # row (token, block) @ M^T: M acting on columns
+    rotated = rotated.view(groups, -1, per_head, heads, BLOCK).permute(1, 0, 3, 2, 4)  # [N, G, a, D/8, 8]
+    return _contiguous_as(rotated, dtype or x.dtype).view(x.shape)
+
+
+def _contiguous_as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy in dtype, by one kernel (to() with a memory format does not copy within a dtype)."""
+    return x.contiguous() if x.dtype == dtype else x.to(dtype, memory_format=torch.contiguous_format)
+
+
+def apply_head_blocks_fusible(x: torch.Tensor, blocks: torch.Tensor,
+                              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """apply_head_blocks as a broadcast product summed over (head, coord): what torch.compile runs, because
+    inductor fuses it with the casts and the neighbouring q/k norms into the kernels it writes anyway, where
+    a matmul stays a separate library call. Eagerly it would hold 64 products per output; do not use it so."""
+    groups, size = blocks.shape[0], blocks.shape[-1]
+    heads, width = size // BLOCK, x.shape[-1]
+    per_head = width // (groups * size)
+    grouped = x.reshape(-1, groups, 1, 1, heads, per_head, BLOCK).to(blocks.dtype)  # [N, G, 1, 1, a', D/8, j]
+    matrices = blocks.view(groups, heads, BLOCK, heads, 1, BLOCK)  # [G, a, i, a', 1, j]
+    rotated = (grouped * matrices).sum((4, 6))  # [N, G, a, i, D/8]
+    return rotated.transpose(-1, -2).to(dtype or x.dtype).reshape(x.shape)
+
+
+def rotate_blocks_fusible(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """rotate_blocks as a broadcast product summed over the input coordinate (for torch.compile, as above)."""
+    blocks = x.reshape(*x.shape[:-1], -1, 1, BLOCK)  # [..., n, 1, j]
+    return (blocks * rotation.to(x.dtype)).sum(-1).reshape(x.shape)  # sum_j R[i, j] x[j]
+
+
 # ---------------------------------------------------------------------------------------------- checking
 # The same maps as explicit sparse matrices, placed entry by entry from the layout the README documents
 # (row = output coordinate, x -> M x). The einsum functions above are fast but could transpose a rotation or

@@ -33,11 +33,12 @@ class Mutant:
 MUTANTS = [
     Mutant("MLP rotation before post_attention_layernorm", (
         ("so8t_export/model.py",
-         "        x = rotate_blocks(x.to(rotation_dtype(x.dtype)), plan.mlp[self.layer_idx]).to(x.dtype)\n",
-         ""),
+         "            x = rotated_blocks(x, rotations.mlp[self.layer_idx])\n",
+         "            pass\n"),
         ("so8t_export/model.py",
-         "return x + self.mlp(self.post_attention_layernorm(x), plan)",
-         "return x + self.mlp(self.post_attention_layernorm(rotate_blocks(x, plan.mlp[self.mlp.layer_idx])), plan)"),
+         "return x + self.mlp(self.post_attention_layernorm(x), rotations)",
+         "return x + self.mlp(self.post_attention_layernorm(x if rotations is None else "
+         "rotated_blocks(x, rotations.mlp[self.mlp.layer_idx])), rotations)"),
     )),
     Mutant("within-head rotations transposed (R^T x, in model and fold alike)", (
         ("so8t_export/rotation.py",
@@ -49,10 +50,13 @@ MUTANTS = [
          'pattern = "...gjd,ji->...gid" if transpose else "...gjd,ij->...gid"',
          'pattern = "...gjd,ij->...gid" if transpose else "...gjd,ji->...gid"'),
     )),
-    Mutant("MLP block rotation transposed", (
+    Mutant("MLP block rotation transposed (the eager and the compiled form)", (
         ("so8t_export/rotation.py",
          "return (blocks @ rotation.to(x.dtype).T).reshape(x.shape)",
          "return (blocks @ rotation.to(x.dtype)).reshape(x.shape)"),
+        ("so8t_export/rotation.py",
+         "return (blocks * rotation.to(x.dtype)).sum(-1).reshape(x.shape)",
+         "return (blocks * rotation.to(x.dtype).T).sum(-1).reshape(x.shape)"),
     )),
     Mutant("mixing order swapped (in the map and its inverse)", (
         ("so8t_export/rotation.py",
@@ -68,10 +72,9 @@ MUTANTS = [
          "return [(i + 1) % 3 if triality_symmetry else 0 for i in range(count)]"),
     )),
     Mutant("cross-head mixing applied to K but not Q", (
-        ("so8t_export/model.py",
-         "q = rotated_heads(self.q_proj(x), plan.q_heads, plan)",
-         "q = rotated_heads(self.q_proj(x), plan.q_heads, type(plan)(plan.q_heads, plan.kv_heads, plan.mlp, None, "
-         "plan.within_head_first))"),
+        ("so8t_export/rotation.py",
+         "q = head_blocks(q_heads, cross, plan.within_head_first, group)",
+         "q = head_blocks(q_heads, None, plan.within_head_first, group)"),
     )),
     Mutant("a fold that forgets layer 1", (
         ("so8t_export/fold.py",

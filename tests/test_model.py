@@ -1,12 +1,15 @@
 """The reference model against transformers' Qwen3, and what each SO8T flag does."""
 
+import itertools
+
 import pytest
 import torch
 from transformers import Qwen3ForCausalLM
 
 from so8t_export.config import ConfigError, SO8TConfig
 from so8t_export.model import KVCache, SO8TTransformerForCausalLM
-from so8t_export.rotation import mix_across_heads, rotate_blocks, rotate_heads, rotate_within_heads
+from so8t_export.rotation import (apply_head_blocks, apply_head_blocks_fusible, mix_across_heads, rotate_blocks,
+                                  rotate_blocks_fusible, rotate_heads, rotate_within_heads)
 from so8t_export.triality import triality_rotations
 
 ATOL = 1e-4  # float32, issue 2
@@ -156,6 +159,56 @@ def test_head_dim_must_split_into_rotation_blocks():
         SO8TConfig(head_dim=12)
 
 
+# ---------------------------------------------------------------------------------------------- fast path
+ALL_FLAGS = ("so8t_triality_symmetry", "so8t_cross_head_interaction", "so8t_non_commutative_gates",
+             "so8t_vector_representation", "so8t_spinor_plus_representation", "so8t_spinor_minus_representation")
+
+
+@pytest.mark.parametrize("values", list(itertools.product((True, False), repeat=6)),
+                         ids=lambda v: "".join("1" if f else "0" for f in v))
+def test_fused_rotations_equal_the_einsum_maps(values):
+    """The forward's one batched matmul (and the form torch.compile runs) against rotate_heads/rotate_blocks,
+    computed in float64 with the same float32 matrices: equal to float32 rounding, for all 64 flag combinations."""
+    flags = dict(zip(ALL_FLAGS, values))
+    model = SO8TTransformerForCausalLM(config(**flags))
+    plan, fused = model.model.rotation_plan(), model.model.fused_rotations()
+    assert fused.qkv.dtype == fused.mlp.dtype == torch.float32
+    cross = None if plan.cross_head is None else plan.cross_head.double()
+    gen = torch.Generator().manual_seed(sum(values))
+    q, k, v = (torch.randn(2, 3, n * 16, generator=gen) for n in (16, 8, 8))
+    expected = torch.cat([rotate_heads(t.double(), heads.double(), cross, plan.within_head_first)
+                          for t, heads in ((q, plan.q_heads), (k, plan.kv_heads), (v, plan.kv_heads))], -1)
+    qkv = torch.cat([q, k, v], -1)
+    for apply in (apply_head_blocks, apply_head_blocks_fusible):
+        assert (apply(qkv, fused.qkv).double() - expected).abs().max() <= 2e-6 * expected.abs().max(), apply
+    x = torch.randn(5, 64, generator=gen)
+    for layer in range(4):
+        expected = rotate_blocks(x.double(), plan.mlp[layer].double())
+        for apply in (rotate_blocks, rotate_blocks_fusible):
+            assert (apply(x, fused.mlp[layer]).double() - expected).abs().max() <= 1e-6 * expected.abs().max()
+
+
+def test_fused_forward_equals_the_einsum_forward(so8t, monkeypatch):
+    """The whole model with the fused rotations against the same model rotating q, k and v one by one with
+    rotate_heads, the way the fold (and this model, before) applies the map."""
+    import so8t_export.model as model_module
+
+    plan = so8t.model.rotation_plan()
+    tokens = ids(17, batch=2, seed=10)
+    with torch.no_grad():
+        fused = so8t(tokens)
+
+        def one_by_one(q, k, v, blocks):
+            return tuple(rotate_heads(t, heads, plan.cross_head, plan.within_head_first)
+                         for t, heads in ((q, plan.q_heads), (k, plan.kv_heads), (v, plan.kv_heads)))
+
+        monkeypatch.setattr(model_module, "rotated_qkv", one_by_one)
+        einsum = so8t(tokens)
+    for field in ("logits", "safety_logits", "authority_logits"):
+        scale = max(fused.logits.abs().max().item(), 10.0)
+        assert (getattr(fused, field) - getattr(einsum, field)).abs().max() <= 1e-6 * scale, field
+
+
 # ---------------------------------------------------------------------------------------------- bf16 numerics
 def rms(x: torch.Tensor) -> float:
     return x.float().pow(2).mean().sqrt().item()
@@ -185,52 +238,67 @@ def test_bf16_logits_are_as_close_to_float32_as_transformers_bf16(qwen3_dir, qwe
 
 def test_bf16_forward_rotates_with_float32_exact_matrices(qwen3_dir, monkeypatch):
     """Every rotation of a bf16 forward runs in float32 with matrices orthogonal to float32 precision (in bf16
-    the same matrices are off by ~3e-3; the stored buffers by ~4e-8)."""
+    the same matrices are off by ~3e-3; the stored buffers by ~4e-8): q, k and v in one batched matmul of
+    64x64 blocks per layer, the MLP input in 8x8 blocks."""
     import so8t_export.model as model_module
 
     model = SO8TTransformerForCausalLM.from_pretrained(qwen3_dir, torch_dtype=torch.bfloat16)
-    used = []  # (activation dtype, matrix as the rotation applies it)
+    used = []  # (activation dtype as rotated, matrices as the rotation applies them)
 
-    def recording_heads(x, heads, cross_head, within_head_first=True):
-        used.append((x.dtype, heads.to(x.dtype)))
-        if cross_head is not None:
-            used.append((x.dtype, cross_head.to(x.dtype)[None]))
-        return rotate_heads(x, heads, cross_head, within_head_first)
+    def recording_heads(x, blocks, dtype=None):
+        used.append(("qkv", x.dtype, blocks.dtype, blocks))
+        return apply_head_blocks(x, blocks, dtype)
 
     def recording_blocks(x, rotation):
-        used.append((x.dtype, rotation.to(x.dtype)[None]))
+        used.append(("mlp", x.dtype, rotation.dtype, rotation[None]))
         return rotate_blocks(x, rotation)
 
-    monkeypatch.setattr(model_module, "rotate_heads", recording_heads)
+    monkeypatch.setattr(model_module, "apply_head_blocks", recording_heads)
     monkeypatch.setattr(model_module, "rotate_blocks", recording_blocks)
     with torch.no_grad():
         out = model(ids(9, seed=7))
     assert out.logits.dtype == torch.bfloat16
     layers = model.config.num_hidden_layers
-    assert len(used) == layers * (3 * 2 + 1)  # q, k, v (within and across heads) and the MLP input
-    eye = torch.eye(8)
-    for dtype, matrices in used:
-        assert dtype == torch.float32
-        assert ((matrices.transpose(-1, -2) @ matrices).double() - eye).abs().max() <= 1e-6
+    assert [kind for kind, *_ in used] == ["qkv", "mlp"] * layers
+    groups = (model.config.num_attention_heads + 2 * model.config.num_key_value_heads) // 8
+    eye = torch.eye(64)
+    for kind, activations, dtype, matrices in used:
+        assert dtype == torch.float32 and (kind == "mlp" or activations == torch.bfloat16)
+        assert matrices.shape == ((groups, 64, 64) if kind == "qkv" else (1, 8, 8))
+        size = matrices.shape[-1]
+        assert ((matrices.transpose(-1, -2) @ matrices).double() - eye[:size, :size]).abs().max() <= 1e-6
 
 
 # ---------------------------------------------------------------------------------------------- cached plan
 def test_rotation_plan_is_built_once_and_rebuilt_when_its_inputs_change(monkeypatch):
     import so8t_export.model as model_module
 
-    model = SO8TTransformerForCausalLM(config()).eval()
-    builds = []
-    real = model_module.plan_rotations
+    builds, fused = [], []
+    real, real_fuse = model_module.plan_rotations, model_module.fuse_rotations
     monkeypatch.setattr(model_module, "plan_rotations", lambda *a: builds.append(1) or real(*a))
+    monkeypatch.setattr(model_module, "fuse_rotations", lambda *a: fused.append(a[1]) or real_fuse(*a))
+    model = SO8TTransformerForCausalLM(config()).eval()
+    assert len(builds) == 1 and fused == [torch.float32]  # built with the model, for the weights' dtype
     tokens = ids(5, vocab=64)
     with torch.no_grad():
         first = model(tokens).logits
-        plan = model.model.rotation_plan()
+        plan, rotations = model.model.rotation_plan(), model.model.fused_rotations()
         cache = model(tokens, use_cache=True).past_key_values
         for i in range(3):
             model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True)
-    assert len(builds) == 1 and model.model.rotation_plan() is plan
-    assert plan.q_heads.dtype == torch.float32
+        model.double()  # a cast rebuilds them, for float64 activations in float64
+        model(tokens)
+        model(tokens)
+        model.float()
+        model(tokens.clone())
+        model.model.fused_rotations(torch.float64)  # any other dtype once, on demand
+        model.model.fused_rotations(torch.float64)
+    assert len(builds) == 3 and fused == [torch.float32, torch.float64, torch.float32, torch.float64]
+    assert plan.q_heads.dtype == torch.float32 and rotations.qkv.dtype == torch.float32
+    plan, rotations = model.model.rotation_plan(), model.model.fused_rotations()
+    with torch.no_grad():
+        model(tokens)
+    assert model.model.rotation_plan() is plan and model.model.fused_rotations() is rotations
 
     model.to(torch.bfloat16)  # the rotation buffers stay float32, and so does the plan
     assert model.model.rotation_plan().q_heads.dtype == torch.float32
@@ -285,6 +353,38 @@ def test_preallocated_cache_writes_in_place_and_matches_full_forward(so8t):
         assert (torch.cat(parts, dim=1) - full).abs().max() <= ATOL
         with pytest.raises(ValueError, match="at most max_length = 20 tokens; this step would make 21"):
             so8t(tokens[:, :1], past_key_values=cache, use_cache=True)
+
+
+def test_static_cache_matches_full_forward(so8t):
+    """The compile-friendly cache: fixed buffers, a device counter, writes at positions, a full-length mask."""
+    tokens = ids(16, batch=2, seed=11)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, :5] = 0  # left padding
+    padded = tokens.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        for attention in (None, mask):
+            source = tokens if attention is None else padded
+            full = so8t(source, attention_mask=attention).logits
+            cache = KVCache(so8t.config.num_hidden_layers, max_length=20, static=True)
+            part = None if attention is None else attention[:, :11]
+            parts = [so8t(source[:, :11], attention_mask=part, past_key_values=cache).logits]
+            buffer = cache._keys[0].data_ptr()
+            for i in range(11, 16):
+                step_mask = None if attention is None else attention[:, :i + 1]
+                parts.append(so8t(source[:, i:i + 1], attention_mask=step_mask, past_key_values=cache).logits)
+            assert cache._keys[0].data_ptr() == buffer and cache._keys[0].shape[2] == 20
+            assert cache.length == 16 and cache.keys[0].shape[2] == 16
+            rows = slice(None) if attention is None else 0  # row 1's padded positions are not compared
+            assert (torch.cat(parts, dim=1) - full)[rows].abs().max() <= ATOL
+            assert (torch.cat(parts, dim=1) - full)[1, 5:].abs().max() <= ATOL
+        # reset keeps the buffers; explicit cache positions (as a compiled decode may pass them) name the slots
+        cache.reset()
+        assert cache.length == 0 and cache._keys[0].data_ptr() == buffer
+        so8t(tokens[:, :15], past_key_values=cache)
+        step = so8t(tokens[:, 15:16], past_key_values=cache, cache_position=torch.tensor([15])).logits
+        assert (step - so8t(tokens).logits[:, 15:]).abs().max() <= ATOL and cache.length == 16
+    with pytest.raises(ValueError, match="a static KVCache needs max_length"):
+        KVCache(2, static=True)
 
 
 def test_growing_cache_doubles_its_capacity():

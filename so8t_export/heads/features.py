@@ -2,10 +2,10 @@
 
 Two sources, one contract (``[n, hidden]`` float64 in the examples' order):
 
-* ``ReferenceFeatures``: the PyTorch reference model, batched with left padding (every row's last token is
-  then the batch's last position), longest examples first so that a batch pads little. Only the hidden state
-  of the last position leaves a batch, and the vocabulary logits are never computed, so memory is one
-  batch of activations whatever the data size.
+* ``ReferenceFeatures``: the PyTorch reference model (folded, so it runs as plain Qwen3), batched with left
+  padding (every row's last token is then the batch's last position), longest examples first so that a
+  batch pads little. Only the hidden state of the last position leaves a batch, and the vocabulary logits
+  are never computed, so memory is one batch of activations whatever the data size.
 * ``GGUFFeatures``: llama.cpp running an exported file, through the serving engine's prefill (the body of the
   prompt without outputs, its last token with embeddings on): the hidden state that the runtime's gate
   reads, quantisation and KV cache type included (the runtime's: f16 as llama.cpp serves, f32 for an f32
@@ -35,12 +35,15 @@ class ReferenceFeatures:
         self.model, self.tokenizer, self.batch_size, self.source = model, tokenizer, batch_size, source
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, *, batch_size: int = 8, dtype=None) -> ReferenceFeatures:
+    def from_pretrained(cls, model_dir: str | Path, *, batch_size: int = 8, dtype=None, fold: bool = True,
+                        device=None) -> ReferenceFeatures:
+        """The model of model_dir, folded by default (plain Qwen3 arithmetic, the same hidden states)."""
         from transformers import AutoTokenizer
 
         from ..model import SO8TTransformerForCausalLM
 
-        model = SO8TTransformerForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).eval()
+        model = SO8TTransformerForCausalLM.from_pretrained(model_dir, torch_dtype=dtype, fold=fold,
+                                                           device=device).eval()
         return cls(model, AutoTokenizer.from_pretrained(model_dir), batch_size=batch_size, source=str(model_dir))
 
     @property

@@ -112,12 +112,13 @@ def train_heads(model_dir: str | Path, data: str | Path, output: str | Path, *, 
                 gguf: str | Path | None = None, l2: float = 1.0, balanced: bool = False,
                 target_fpr: float | None = None, holdout: float = DEFAULT_HOLDOUT, seed: int = 0,
                 batch_size: int = 8, n_ctx: int | None = None, n_threads: int | None = None,
-                progress: Progress | None = None) -> HeadsReport:
+                progress: Progress | None = None, device=None) -> HeadsReport:
     """Fit both heads of the SO8T model in model_dir (an SO8T or plain Qwen3 checkpoint) on data and write
     the model with the new heads and thresholds to output (save_pretrained, plus heads_report.json).
 
     A head without any label in data keeps its weights and threshold. Thresholds: the one that reaches
-    target_fpr on the evaluation set, or 0.5 when target_fpr is None.
+    target_fpr on the evaluation set, or 0.5 when target_fpr is None. Reference features run on device
+    (from_pretrained's device_map forms; the CPU by default).
     """
     from transformers import AutoTokenizer
 
@@ -146,16 +147,27 @@ def train_heads(model_dir: str | Path, data: str | Path, output: str | Path, *, 
             raise DataError(f"{data}: every {head}-labelled training example is {names[labels[0]]!r}; fitting "
                             f"the {head} head needs both {names[0]!r} and {names[1]!r}")
 
-    model = SO8TTransformerForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    extract = (GGUFFeatures(gguf, n_ctx=n_ctx, n_threads=n_threads) if gguf is not None
-               else ReferenceFeatures(model, tokenizer, batch_size=batch_size, source=str(model_dir)))
-    if extract.hidden_size != model.config.hidden_size:
-        raise ValueError(f"{gguf}: qwen3.embedding_length = {extract.hidden_size}, but {model_dir} has "
-                         f"hidden_size = {model.config.hidden_size}; the GGUF must be an export of this model")
+    if gguf is not None:
+        model = SO8TTransformerForCausalLM.from_pretrained(model_dir).eval()
+        extract = GGUFFeatures(gguf, n_ctx=n_ctx, n_threads=n_threads)
+        if extract.hidden_size != model.config.hidden_size:
+            raise ValueError(f"{gguf}: qwen3.embedding_length = {extract.hidden_size}, but {model_dir} has "
+                             f"hidden_size = {model.config.hidden_size}; the GGUF must be an export of this model")
+    else:
+        # The features come from the folded model, which runs as plain Qwen3 with no rotation kernels and
+        # computes the same hidden states (to float rounding; tests/test_devices.py).
+        model = None
+        features_model = SO8TTransformerForCausalLM.from_pretrained(model_dir, fold=True, device=device).eval()
+        extract = ReferenceFeatures(features_model, AutoTokenizer.from_pretrained(model_dir),
+                                    batch_size=batch_size, source=str(model_dir))
     total = len(train_set) + len(eval_set)
     x_train = extract(train_set, data, progress and (lambda done, _: progress(done, total)))
     x_eval = extract(eval_set, eval_path, progress and (lambda done, _: progress(len(train_set) + done, total)))
+    if model is None:
+        # The checkpoint is written from the weights as stored (not unfolded from the folded ones), so that
+        # every tensor but the heads is the input's, byte for byte; the features' model goes first.
+        del extract, features_model
+        model = SO8TTransformerForCausalLM.from_pretrained(model_dir).eval()
 
     dtype = model.safety_head.weight.dtype
     results, notes = {}, []
