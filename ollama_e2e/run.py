@@ -200,41 +200,35 @@ def same_parameters(got: list[tuple[str, str]], want: list[tuple[str, str]]) -> 
 # --------------------------------------------------------------------------------------------------------
 
 
-def stream_chat(client, model: str, messages: list[dict], **kw) -> dict:
-    """One streamed /api/chat: the chunks' thinking and content joined, chunk counts, the final chunk."""
-    thinking, content, chunks, final = [], [], 0, None
-    for part in client.chat(model=model, messages=messages, stream=True, **kw):
+def _joined_stream(parts, thinking_of, text_of, text_key: str) -> dict:
+    """A streamed response's thinking and text joined, its chunk counts and its final (done) chunk."""
+    thinking, text, chunks, final = [], [], 0, None
+    for part in parts:
         chunks += 1
-        thinking.append(part.message.thinking or "")
-        content.append(part.message.content or "")
+        thinking.append(thinking_of(part) or "")
+        text.append(text_of(part) or "")
         if part.done:
             final = part
     assert final is not None, "the stream ended without a done chunk"
     return {
         "thinking": "".join(thinking),
-        "content": "".join(content),
+        text_key: "".join(text),
         "chunks": chunks,
-        "text_chunks": sum(1 for t, c in zip(thinking, content) if t or c),
+        "text_chunks": sum(1 for t, x in zip(thinking, text) if t or x),
         "final": final,
     }
+
+
+def stream_chat(client, model: str, messages: list[dict], **kw) -> dict:
+    """One streamed /api/chat: thinking and content joined, chunk counts, the final chunk."""
+    return _joined_stream(client.chat(model=model, messages=messages, stream=True, **kw),
+                          lambda part: part.message.thinking, lambda part: part.message.content, "content")
 
 
 def stream_generate(client, model: str, prompt: str, **kw) -> dict:
-    thinking, response, chunks, final = [], [], 0, None
-    for part in client.generate(model=model, prompt=prompt, stream=True, **kw):
-        chunks += 1
-        thinking.append(part.thinking or "")
-        response.append(part.response or "")
-        if part.done:
-            final = part
-    assert final is not None, "the stream ended without a done chunk"
-    return {
-        "thinking": "".join(thinking),
-        "response": "".join(response),
-        "chunks": chunks,
-        "text_chunks": sum(1 for t, r in zip(thinking, response) if t or r),
-        "final": final,
-    }
+    """One streamed /api/generate: thinking and response joined, chunk counts, the final chunk."""
+    return _joined_stream(client.generate(model=model, prompt=prompt, stream=True, **kw),
+                          lambda part: part.thinking, lambda part: part.response, "response")
 
 
 def generate_logprobs(url: str, model: str, prompt: str, options: dict) -> dict:
