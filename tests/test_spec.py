@@ -75,9 +75,7 @@ def test_our_fold_is_the_loop_fold(qwen3_dir, flags):
     state = model.state_dict()
     expected = fold_state_dict(state, model.config.to_dict(), model.model.triality_rotations.double(),
                                model.model.cross_head_rotation.double())
-    plan = model.model.rotation_plan()
-    plan = type(plan)(*(t.double() if isinstance(t, torch.Tensor) else t for t in
-                        (plan.q_heads, plan.kv_heads, plan.mlp, plan.cross_head)), plan.within_head_first)
+    plan = model.rotation_plan_float64()
     for name, weight in state.items():
         if name in expected and weight.ndim == 2:
             assert (fold_weight(name, weight, plan) - expected[name]).abs().max() < 1e-12, name
