@@ -129,7 +129,10 @@ def test_heads_data_parses(path):
     for n, line in enumerate(lines, 1):
         row = json.loads(line)
         assert ("messages" in row) != ("text" in row), (path.name, n)
-        assert set(row) - {"messages", "text"} <= set(LABELS), (path.name, n)
+        assert set(row) - {"messages", "text", "response"} <= set(LABELS), (path.name, n)
+        if "response" in row:  # a reply's beginning: only after messages, and only for training
+            assert path == demo.HEADS_TRAIN and "messages" in row and isinstance(row["response"], str), n
+            assert row["response"], (path.name, n)
         assert set(row) & set(LABELS), (path.name, n)  # at least one label
         for head, values in LABELS.items():
             assert row.get(head, next(iter(values))) in values, (path.name, n)
@@ -138,15 +141,16 @@ def test_heads_data_parses(path):
             assert all(isinstance(m["content"], str) and m["content"] for m in row["messages"]), (path.name, n)
         else:
             assert isinstance(row["text"], str) and row["text"], (path.name, n)
-    # Roughly balanced: each class holds at least a third of the rows that carry its head's label.
-    rows = [json.loads(line) for line in lines]
+    # Roughly balanced: each class holds at least a third of the prompt rows that carry its head's label.
+    rows = [row for row in map(json.loads, lines) if "response" not in row]
     for head, values in LABELS.items():
         counts = {v: sum(r.get(head) == v for r in rows) for v in values}
         assert min(counts.values()) >= sum(counts.values()) / 3, (path.name, head, counts)
 
 
 def test_heads_data_sizes_and_no_overlap():
-    train, evals = demo.read_jsonl(demo.HEADS_TRAIN), demo.read_jsonl(demo.HEADS_EVAL)
+    rows, evals = demo.read_jsonl(demo.HEADS_TRAIN), demo.read_jsonl(demo.HEADS_EVAL)
+    train = [row for row in rows if "response" not in row]
     assert 120 <= len(train) <= 200 and 40 <= len(evals) <= 60
     train_prompts, eval_prompts = [_prompt_text(r) for r in train], [_prompt_text(r) for r in evals]
     assert len(set(train_prompts)) == len(train_prompts) and len(set(eval_prompts)) == len(eval_prompts)
@@ -154,6 +158,23 @@ def test_heads_data_sizes_and_no_overlap():
     lm_prompts = {row["messages"][-2]["content"] for row in demo.read_jsonl(demo.LM_CORPUS)}
     for prompt in (demo.DEMO_UNSAFE_PROMPT, demo.DEMO_SAFE_PROMPT):
         assert prompt not in set(train_prompts) | set(eval_prompts) | lm_prompts
+
+
+def test_response_rows_are_the_corpus_replies_cut_and_labelled_by_their_opening():
+    """demo_data/README.md: one response row per lm-corpus conversation, its reply cut after some words, its
+    labels those of the opening the reply starts with (safe, handle when it starts with none)."""
+    responses = [row for row in demo.read_jsonl(demo.HEADS_TRAIN) if "response" in row]
+    corpus = demo.read_jsonl(demo.LM_CORPUS)
+    assert len(responses) == len(corpus)
+    labels_of = {opening: labels for labels, opening in demo.OPENINGS.items()}
+    for row, conversation in zip(responses, corpus):
+        *prompt, reply = conversation["messages"]
+        assert row["messages"] == prompt
+        full = reply["reasoning_content"] + "\n</think>\n\n" + reply["content"]
+        assert full.startswith(row["response"])
+        openings = [o for o in labels_of if reply["reasoning_content"].startswith(o)]
+        expected = labels_of[max(openings, key=len)] if openings else ("safe", "handle")
+        assert (row["safety"], row["authority"]) == expected
 
 
 @pytest.mark.skipif(tomllib is None, reason="tomllib needs Python 3.11")
