@@ -8,7 +8,8 @@ package main
 //
 //   - ok: parser.ParseFile accepted the file and Modelfile.CreateRequest turned it into a create request
 //     (that is where PARAMETER values are type-checked, by api.FormatParams, and REQUIRES is checked).
-//   - error: only when not ok: the error text of ParseFile or, after it, CreateRequest, as Ollama prints it.
+//   - error: only when not ok: the error text of ParseFile or, after it, CreateRequest or the request's JSON
+//     encoding (inf and nan floats), as Ollama prints it.
 //   - commands: ParseFile's commands, [Name, Args] as its Command holds them: the command lowercased
 //     ("model" for FROM), or for PARAMETER the parameter's name as written; Args unquoted, a MESSAGE's as
 //     "role: text". Empty when ParseFile failed.
@@ -59,6 +60,12 @@ func judge(data []byte) verdict {
 	req, err := mf.CreateRequest(noFilesDir)
 	os.Stdout = stdout
 	if err != nil {
+		v.Error = err.Error()
+		return v
+	}
+	// `ollama create` then sends the request as JSON (api.Client.stream marshals it), and a float parameter
+	// of inf or nan fails right there, before any server sees it: that error is the verdict too.
+	if _, err := json.Marshal(req); err != nil {
 		v.Error = err.Error()
 		return v
 	}

@@ -848,7 +848,7 @@ def check_commands(
 ) -> ModelfileCheck:
     """The request ``ollama create`` builds from parsed commands, with its checks, plus some of ours.
 
-    Ollama's: PARAMETER names and value types, REQUIRES as semver; with ``base_dir`` (the Modelfile's folder)
+    Ollama's: PARAMETER names and value types (and numbers JSON can carry), REQUIRES as semver; with ``base_dir`` (the Modelfile's folder)
     FROM/ADAPTER/DRAFT paths are resolved and ADAPTER/DRAFT must exist (and DRAFT differ from FROM). A FROM
     that names no local file is not an error for Ollama, which then pulls it from the registry as a model
     name; with ``require_files`` we refuse it, because for us it always means a GGUF that is missing or
@@ -859,6 +859,7 @@ def check_commands(
     """
     result = ModelfileCheck(list(commands), {}, [])
     first_line: dict[str, int] = {}
+    parameter_lines: dict[str, int] = {}  # the line that set each parameter's value last
     seen: dict[str, list[str]] = {"model": [], "draft": []}
     for c in commands:
         if c.keyword == "parameter" and c.name in _KEYWORD_OF:
@@ -899,7 +900,22 @@ def check_commands(
                 result.parameters[c.name].extend(value)  # type: ignore[union-attr]
             else:
                 result.parameters[c.name] = value
+            parameter_lines[c.name] = c.line
+    _require_json_numbers(result.parameters, parameter_lines)
     return result
+
+
+def _require_json_numbers(parameters: dict[str, int | float | bool | list[str]], lines: dict[str, int]) -> None:
+    """``ollama create`` sends the request as JSON, which has no inf or nan: Go's encoder refuses the first
+    such value in its key order (a map's keys sorted), with the error the client then prints."""
+    for name in sorted(parameters):
+        value = parameters[name]
+        if isinstance(value, float) and not math.isfinite(value):
+            spelled = "NaN" if math.isnan(value) else "+Inf" if value > 0 else "-Inf"
+            raise ModelfileError(
+                f"PARAMETER {name} is {spelled}: ollama create sends parameters as JSON, which has no "
+                "infinite or NaN numbers",
+                line=lines[name], ollama_error=f"json: unsupported value: {spelled}")
 
 
 def check_grammar(data: bytes | str) -> ModelfileCheck:

@@ -11,7 +11,8 @@ The verdict of Ollama's harness must not depend on the file system, and ollama_t
 paths against a folder that does not exist. So FROM values here are model names or relative/absolute paths
 to nothing, ADAPTER/DRAFT paths are relative (they fail as missing files, which the test predicts), and the
 random edits draw from an alphabet without '/', '~' and '.', so they cannot make a path to something that
-exists. Float values never spell inf or NaN: Go's encoding/json cannot marshal them in the request.
+exists. Floats may spell inf or NaN: both sides must then refuse the request that Go's encoding/json
+cannot marshal.
 """
 
 from __future__ import annotations
@@ -276,6 +277,14 @@ HAND_WRITTEN: dict[str, str | bytes] = {
     "float-minus-zero": _F + "PARAMETER temperature -0\n",
     "float-nan-signed": _F + "PARAMETER temperature +nan\n",
     "float-infin": _F + "PARAMETER temperature infin\n",
+    # parsed, then refused when the client encodes the request as JSON
+    "float-inf": _F + "PARAMETER temperature inf\n",
+    "float-minus-infinity": _F + "PARAMETER temperature -Infinity\n",
+    "float-nan": _F + "PARAMETER top_p NaN\n",
+    "float-overflow-to-inf": _F + "PARAMETER temperature 1e39\n",
+    "float-two-nonfinite": _F + "PARAMETER top_p nan\nPARAMETER temperature inf\n",
+    "float-inf-replaced": _F + "PARAMETER temperature inf\nPARAMETER temperature 0.6\n",
+    "float-inf-then-bad-int": _F + "PARAMETER temperature inf\nPARAMETER num_ctx lots\n",
     "float-double-rounding": _F + "PARAMETER temperature 1.0000000596046447753906250001\n",
     "float-tie-even": _F + "PARAMETER temperature 1.000000059604644775390625\n",
     "float-long-digits": _F + "PARAMETER top_p 0." + "3" * 400 + "\n",

@@ -156,6 +156,8 @@ def test_render_rejects_characters_ollama_would_drop():
         ([("use_mmap", "yes")], "invalid bool value [yes]"),
         ([("num_ctx", "4096")], "num_ctx is set with num_ctx="),
         ([("bad-name", "1")], "may only contain"),
+        ([("temperature", "inf")], "PARAMETER temperature is +Inf: ollama create sends parameters as JSON"),
+        ([("top_p", "nan"), ("min_p", "-inf")], "PARAMETER min_p is -Inf"),  # Go encodes map keys sorted
     ],
 )
 def test_render_rejects_bad_parameters(params, message):
@@ -726,6 +728,10 @@ def test_cli_check_reports_ollama_errors(tmp_path):
     res = CliRunner().invoke(main, ["modelfile", "--check", str(bad)])
     assert res.exit_code != 0
     assert "(line 2): invalid float value [warm]" in res.output
+
+    bad.write_text("FROM ./m.gguf\nPARAMETER temperature inf\nPARAMETER top_k 40\n")
+    res = CliRunner().invoke(main, ["modelfile", "--check", str(bad)])
+    assert res.exit_code != 0 and "(line 2): PARAMETER temperature is +Inf" in res.output
 
     bad.write_text("FROM ./missing.gguf\n")
     res = CliRunner().invoke(main, ["modelfile", "--check", str(bad)])
