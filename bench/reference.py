@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -195,6 +196,7 @@ def main() -> None:
                              "(default 480 on CUDA, none elsewhere); the table shows what was measured")
     parser.add_argument("--before", metavar="REV",
                         help="also time so8t_export/model.py of this git revision (or this file), eagerly")
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of a model that fails")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -288,6 +290,8 @@ def main() -> None:
                     first = str(err).splitlines()[0][:200] if str(err) else ""
                     failed[(mode, runner.name)] = f"failed: {type(err).__name__}: {first}"
                     log(f"  {runner.name}: {failed[(mode, runner.name)]}")
+                    if args.verbose:
+                        traceback.print_exc()
                     continue
                 longest_warmup = max(longest_warmup, time.perf_counter() - begin)
                 ready.append(runner)

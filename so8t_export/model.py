@@ -469,6 +469,13 @@ class SO8TTransformerModel(nn.Module):
     def prepare_rotations(self) -> None:
         """Build the plan and the fused rotations for the weights' dtype now (a compiled forward reads them
         as they are; see _rotations)."""
+        if any(b.is_inference() for b in (self.triality_rotations, self.cross_head_rotation)):
+            # Made or loaded under inference_mode: such buffers have no version counter, so no plan could be
+            # cached on them, and a compiled forward would then build it inside its graph, which CUDA graphs
+            # fail to replay ("storage data ptrs are not allocated in pool"). Normal copies (a few KB) can be.
+            with torch.inference_mode(False):
+                self.triality_rotations = self.triality_rotations.clone()
+                self.cross_head_rotation = self.cross_head_rotation.clone()
         self.fused_rotations(rotation_dtype(self.embed_tokens.weight.dtype))
 
     def _rotations(self, dtype: torch.dtype) -> FusedRotations | None:

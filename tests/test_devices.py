@@ -348,6 +348,30 @@ def test_the_forward_compiles_without_graph_breaks(folded, fresh_dynamo):
             assert (dynamic(tokens[:, :length]).logits - model(tokens[:, :length]).logits).abs().max() <= 1e-5
 
 
+def test_a_model_loaded_under_inference_mode_compiles_with_its_cached_rotations(so8t_dir, monkeypatch,
+                                                                              fresh_dynamo):
+    """Loaded under inference_mode (as bench/reference.py loads), the rotation buffers would have no version
+    counter and no plan would be cached: the compiled forward then built it in its graph, which CUDA graphs
+    could not replay on an H200 ("storage data ptrs are not allocated in pool"). Now the buffers are normal
+    copies, the plan is cached at load, and a compiled forward must not build one."""
+    with torch.inference_mode():
+        model = SO8TTransformerForCausalLM.from_pretrained(so8t_dir)
+    inner = model.model
+    assert not inner.triality_rotations.is_inference() and not inner.cross_head_rotation.is_inference()
+    assert inner._plan_cache is not None
+    tokens = ids(6)
+    with torch.inference_mode():
+        expected = model(tokens).logits
+
+    def no_plan_in_the_graph(*args, **kwargs):
+        raise AssertionError("the compiled forward built a rotation plan")
+
+    monkeypatch.setattr(model_module, "plan_rotations", no_plan_in_the_graph)
+    compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=False)
+    with torch.inference_mode():
+        assert close(compiled(tokens).logits, expected, rel=1e-6)
+
+
 def test_inductor_compiled_model_equals_eager(fresh_dynamo):
     """What the bench runs on the GPU, on the CPU: inductor, static shapes, a prefill and static decode
     steps (the fusible forms of the rotations run here). About 45 s on 2 cores, most of it inductor's first
