@@ -251,6 +251,17 @@ def main() -> None:
                     if name != "transformers"}
         del reference
         log("parity: " + ", ".join(f"{name} {value:.2e}" for name, value in parities.items()))
+        # The scale for those figures: each model against transformers run in float32 on the same weights,
+        # transformers' own rounding error included.
+        float32_parities = {}
+        if dtype != torch.float32:
+            hf32 = load_transformers(Path(folder), torch.float32, device)
+            reference = hf32(prompt).logits.float()
+            del hf32
+            float32_parities = {name: parity(reference, model, prompt) for name, model in models.items()}
+            del reference
+            log("against float32 transformers: " + ", ".join(f"{name} {value:.2e}"
+                                                              for name, value in float32_parities.items()))
 
         results: dict[tuple[str, str, str], list[float]] = {}  # (mode, measure, model) -> seconds
         failed: dict[tuple[str, str], str] = {}  # (mode, model) -> why its cells are empty
@@ -309,11 +320,13 @@ def main() -> None:
                         runner.decode(prompt, decode, sync))
             log(f"{mode}: timed")
             done.append(mode)  # the table so far, in case a later mode does not finish
-            print_table(header, done, measures, names, results, failed, parities, dtype, context)
+            print_table(header, done, measures, names, results, failed, parities, dtype, context,
+                        float32_parities)
     log("done")
 
 
-def print_table(header, modes, measures, names, results, failed, parities, dtype, context) -> None:
+def print_table(header, modes, measures, names, results, failed, parities, dtype, context,
+                float32_parities) -> None:
     medians = {key: statistics.median(values) for key, values in results.items()}
     print()
     print(header)
@@ -343,6 +356,9 @@ def print_table(header, modes, measures, names, results, failed, parities, dtype
           "(! marks a miss)")
     print(f"logit parity ({str(dtype).removeprefix('torch.')}), max |SO8T - transformers| / max |transformers| "
           f"over {context} positions: " + ", ".join(f"{name} {value:.2e}" for name, value in parities.items()))
+    if float32_parities:
+        print("  the same against transformers in float32 (same weights): "
+              + ", ".join(f"{name} {value:.2e}" for name, value in float32_parities.items()))
     print("misses: " + ("; ".join(misses) if misses else "none"), flush=True)
 
 
