@@ -10,6 +10,7 @@ import json
 import math
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -171,6 +172,7 @@ class CheckpointReader:
             raise CheckpointError(f"{config_path}: quantization_config.quant_method = {quant.get('quant_method')!r}; "
                                   "expected 'fp8' or no quantization_config")
         self._fds: dict[Path, int] = {}
+        self._fds_lock = threading.Lock()  # the exporter's encoder threads read through one reader
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -257,9 +259,10 @@ class CheckpointReader:
             raise CheckpointError(f"{self.model_dir}: tensor {name} is missing from the checkpoint") from None
 
     def _fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
+        with self._fds_lock:  # unlocked, two threads' first reads of a file both opened it and one fd leaked
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
 
     def read_raw(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """The stored tensor (or a row range) as is, read with pread into fresh memory.
@@ -322,6 +325,7 @@ class CheckpointReader:
         return BlockFP8.from_torch(weight, scale[first // br: math.ceil(last / br)], self.fp8_block, first % br)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._fds_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
