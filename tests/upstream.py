@@ -6,11 +6,15 @@ Only convert_hf_to_gguf.py, conversion/ and gguf-py/ are unpacked.
 
 `convert` runs it once; `convert_each` runs it on many folders in one process (for the tokenizer comparison);
 `converter_chktxt` reads the text its pre-tokenizer recognition hashes.
+
+`llama_tool` finds llama.cpp's own compiled tools (llama-quantize, llama-imatrix, llama-perplexity,
+llama-server, and the patched llama-server), which cpp_patches/build.sh builds from the same sdist and caches.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import shutil
@@ -22,7 +26,31 @@ from pathlib import Path
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 CACHE = Path(os.environ.get("SO8T_CACHE", Path.home() / ".cache" / "so8t-export"))
-WRAPPER = Path(__file__).resolve().parent.parent / "bench" / "convert_hf_wrapper.py"
+REPO = Path(__file__).resolve().parent.parent
+WRAPPER = REPO / "bench" / "convert_hf_wrapper.py"
+BUILD_SH = REPO / "cpp_patches" / "build.sh"
+
+
+@functools.cache
+def llama_tools_dir(patched: bool = False) -> Path:
+    """build.sh's output folder D (D/stock/bin, and D/so8t/bin when patched). $SO8T_LLAMA_TOOLS names a D
+    built already (the Makefile sets it); otherwise build.sh runs here, which is 0.6 s once its cache is warm
+    and a cold build of several minutes the first time."""
+    if folder := os.environ.get("SO8T_LLAMA_TOOLS"):
+        return Path(folder)
+    command = ["bash", str(BUILD_SH)] + ([] if patched else ["--stock-only"])
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0 or not result.stdout.strip():
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def llama_tool(name: str, patched: bool = False) -> Path:
+    """One of llama.cpp's tools: stock (D/stock/bin/NAME) or, with patched, our llama-server (D/so8t/bin)."""
+    tool = llama_tools_dir(patched) / ("so8t" if patched else "stock") / "bin" / name
+    if not tool.is_file():
+        raise RuntimeError(f"{tool} is missing (cpp_patches/build.sh builds it)")
+    return tool
 
 
 def fetch_converter(cache: Path = CACHE) -> Path:
