@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from .config import AUTO_QUANT, LLAMA_QUANT_TYPE_NAMES
 from .config import OUTPUT_TYPE_NAMES as OUTPUT_TYPES
 
 # Problems with the user's input arrive as ValueError subclasses (CheckpointError, ExportError, ...) or
@@ -70,11 +71,24 @@ def main(verbose: bool) -> None:
 @click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output file. Default: ./<MODEL_DIR name>-<quant>.gguf")
-@click.option("--quant", default="q8_0", show_default=True, type=click.Choice(list(OUTPUT_TYPES), case_sensitive=False),
-              help="Tensor type of the matrices (norms always stay f32).")
+@click.option("--quant", default="q8_0", show_default=True,
+              type=click.Choice([*OUTPUT_TYPES, *LLAMA_QUANT_TYPE_NAMES, AUTO_QUANT], case_sensitive=False),
+              help="Tensor type of the matrices (norms always stay f32). f32, f16, bf16 and q8_0 are written "
+                   "directly; the k- and i-quants by llama.cpp's own quantiser from a bf16 export, with "
+                   "llama.cpp's per-tensor mix; iq1_*, iq2_* and iq3_xxs need --imatrix or --calibration. "
+                   "auto: the smallest of llama.cpp's types whose mean KLD stays under --max-kld.")
+@click.option("--imatrix", "imatrix", type=click.Path(dir_okay=False, path_type=Path),
+              help="A llama.cpp GGUF imatrix for the quantiser (so8t-export imatrix, or llama.cpp's "
+                   "llama-imatrix).")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
+              help="A text to compute the imatrix from on the fly (as so8t-export imatrix does); with --quant "
+                   "auto, also the text the KLD is measured on (default: the shipped calibration text).")
+@click.option("--max-kld", type=click.FloatRange(min=0, min_open=True),  # nan, inf: refused by choose_quant
+              help="With --quant auto: the largest mean KLD against the f32 reference allowed, e.g. 0.05.")
 @click.option("--name", help="general.name of the model. Default: the folder name.")
 @user_errors
-def gguf_command(model_dir: Path, output: Path | None, quant: str, name: str | None) -> None:
+def gguf_command(model_dir: Path, output: Path | None, quant: str, imatrix: Path | None, calibration: Path | None,
+                 max_kld: float | None, name: str | None) -> None:
     """Fold MODEL_DIR (an SO8T or plain Qwen3 checkpoint) into a stock qwen3 GGUF.
 
     The rotations are folded into the q/k/v and gate/up weights, so llama.cpp and Ollama run the file as
@@ -82,8 +96,16 @@ def gguf_command(model_dir: Path, output: Path | None, quant: str, name: str | N
     """
     from .export import export_gguf, frozen_gc
 
-    with frozen_gc(), click.progressbar(length=1, label="exporting", show_eta=True, show_percent=True,
-                           item_show_func=lambda item: item) as bar:
+    quant = quant.lower()
+    if (quant == AUTO_QUANT) != (max_kld is not None):
+        raise click.UsageError("--quant auto needs --max-kld X, and --max-kld applies only to --quant auto")
+    if quant in OUTPUT_TYPES and (imatrix or calibration):
+        raise click.UsageError(f"--imatrix and --calibration apply to llama.cpp's quantiser types, not to "
+                               f"--quant {quant}")
+    if quant not in (*OUTPUT_TYPES, AUTO_QUANT) and imatrix and calibration:
+        raise click.UsageError("give --imatrix FILE or --calibration TEXT, not both")
+    with quiet_warnings(), frozen_gc(), click.progressbar(length=1, label="exporting", show_eta=True,
+                                                          show_percent=True, item_show_func=lambda item: item) as bar:
         state = {"tensor": None, "count": 0}
 
         def progress(done: int, total: int, tensor: str) -> None:
@@ -93,7 +115,56 @@ def gguf_command(model_dir: Path, output: Path | None, quant: str, name: str | N
             bar.update(done - bar.pos, f"{state['count']} tensors, {done / 2**20:.0f}/{total / 2**20:.0f} MiB, "
                                        f"{tensor}")
 
-        report = export_gguf(model_dir, output, quant=quant, name=name, progress=progress)
+        if quant == AUTO_QUANT:
+            from .llama_quantize import choose_quant
+
+            auto = choose_quant(model_dir, output, max_kld=max_kld, calibration=calibration, imatrix=imatrix,
+                                name=name, progress=progress)
+        else:
+            report = export_gguf(model_dir, output, quant=quant, name=name, progress=progress, imatrix=imatrix,
+                                 calibration=calibration)
+    if quant == AUTO_QUANT:
+        click.echo(auto.table())
+        if auto.chosen is None:
+            raise click.ClickException(f"no llama.cpp type keeps the mean KLD under {max_kld:g}; nothing written "
+                                       "(raise --max-kld, or use --quant q8_0, f16 or bf16)")
+        report = auto.export
+    click.echo(report.summary())
+
+
+@main.command("hf")
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-o", "--output", "output_dir", required=True, type=click.Path(path_type=Path),
+              help="New folder for the Hugging Face checkpoint (an existing one is refused).")
+@click.option("--fp8", is_flag=True, help="Qwen's block FP8: e4m3 q/k/v/o/gate/up/down with weight_scale_inv "
+                                          "per 128x128 block; norms, embeddings and LM head bf16.")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Largest shard before the next weight starts a new one, as transformers' max_shard_size "
+                   "(5GB = 5*10^9 bytes, 4GiB = 4*2^30).")
+@user_errors
+def hf_command(model_dir: Path, output_dir: Path, fp8: bool, max_shard_size: str) -> None:
+    """Fold MODEL_DIR (an SO8T or plain Qwen3 checkpoint) into a stock Qwen3 Hugging Face checkpoint.
+
+    vLLM, SGLang and transformers load it as plain Qwen3; the safety/authority heads go to
+    so8t_heads.safetensors beside it, described by the `so8t` block of config.json.
+    """
+    import sys
+
+    from .export import frozen_gc
+    from .hf_export import export_hf, parse_size
+
+    try:
+        max_shard_bytes = parse_size(max_shard_size)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--max-shard-size") from None
+    with quiet_warnings(), frozen_gc(), click.progressbar(length=1, label="exporting", file=sys.stderr,
+                                                          show_eta=True, show_percent=True,
+                                                          item_show_func=lambda item: item) as bar:
+        def progress(done: int, total: int, tensor: str) -> None:
+            bar.length = total
+            bar.update(done - bar.pos, f"{done / 2**20:.0f}/{total / 2**20:.0f} MiB, {tensor}")
+
+        report = export_hf(model_dir, output_dir, fp8=fp8, max_shard_bytes=max_shard_bytes, progress=progress)
     click.echo(report.summary())
 
 
@@ -152,6 +223,44 @@ def parity_command(model_dir: Path, gguf_file: Path, prompts: Path | None, greed
     click.echo(report.to_json() if as_json else report.table())
     if not report.passed:
         raise SystemExit(1)
+
+
+@main.command("imatrix")
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--text", "text_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Calibration text (UTF-8). Default: the project's own mixed text "
+                   "(so8t_export/calibration/calibration.txt).")
+@click.option("-o", "--output", default="imatrix.gguf", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="Output file (llama.cpp's GGUF imatrix format).")
+@click.option("--chunk-size", default=512, show_default=True, type=click.IntRange(min=1),  # imatrix.DEFAULT_CHUNK_SIZE
+              help="Tokens per chunk, each run from an empty cache (llama-imatrix's -c).")
+@click.option("--parse-special/--no-parse-special", default=True, show_default=True,
+              help="Read special-token text (<|im_start|>) in the text as the special token (llama-imatrix "
+                   "--parse-special), or as plain text (its default).")
+@click.option("--process-output", is_flag=True,
+              help="Also record output.weight, for an untied LM head (llama-imatrix --process-output).")
+@click.option("--dtype", default="f32", show_default=True,
+              type=click.Choice(["f32", "bf16"]),  # parity.REFERENCE_DTYPES' keys (parity imports torch)
+              help="The reference's dtype; bf16 halves its memory.")
+@user_errors
+def imatrix_command(model_dir: Path, text_file: Path | None, output: Path, chunk_size: int, parse_special: bool,
+                    process_output: bool, dtype: str) -> None:
+    """Measure an importance matrix of MODEL_DIR's folded weights with the PyTorch reference.
+
+    Per input column of every weight llama-imatrix records, the sum of squared activations over the text,
+    tokenised and chunked as llama-imatrix does, in its GGUF format: pass it to `gguf --imatrix` or to
+    llama.cpp's llama-quantize --imatrix.
+    """
+    from .imatrix import CALIBRATION_TEXT, read_calibration_text, write_imatrix
+
+    text_file = text_file or CALIBRATION_TEXT
+    text = read_calibration_text(text_file)
+    bar, progress = _progress("chunks")
+    with quiet_warnings(), bar:
+        report = write_imatrix(model_dir, text, output, chunk_size=chunk_size, parse_special=parse_special,
+                               process_output=process_output, dtype=dtype, dataset=str(text_file),
+                               inputs=(text_file,), progress=progress)
+    click.echo(report.summary())
 
 
 @main.command("demo")

@@ -48,6 +48,7 @@ _FIELD_TYPES: dict[str, tuple] = {
         "so8t_spinor_plus_representation", "so8t_spinor_minus_representation")},
     "hidden_act": (lambda v: isinstance(v, str), "a string"),
     "use_flash_attention": (lambda v: isinstance(v, bool), "true or false"),
+    "so8t_folded_weights": (lambda v: isinstance(v, bool), "true or false"),
     "torch_dtype": (lambda v: isinstance(v, str), "a string"),
     "rope_scaling": (lambda v: v is None or isinstance(v, dict), "null or an object"),
     "sliding_window": (lambda v: v is None or _int(v), "null or an integer"),
@@ -61,6 +62,13 @@ _FIELD_TYPES: dict[str, tuple] = {
 # The --quant choices (quants.OUTPUT_TYPES maps them to ggml types); here so that the command line can offer
 # them without importing the encoders (torch, numba).
 OUTPUT_TYPE_NAMES = ("f32", "f16", "bf16", "q8_0")
+# The types llama.cpp's own quantiser makes from a float GGUF (llama_quantize.py; llama.cpp's mixes of k- and
+# i-quant tensor types), from the most bits per weight to the fewest (llama-quantize's Llama-3-8B sizes and
+# nominal bits per weight), and --quant auto (the smallest of them under a KLD bound).
+LLAMA_QUANT_TYPE_NAMES = ("q6_k", "q5_1", "q5_k_m", "q5_k_s", "q5_0", "q4_1", "q4_k_m", "q4_k_s", "iq4_nl", "q4_0",
+                          "iq4_xs", "q3_k_l", "q3_k_m", "iq3_m", "q3_k_s", "iq3_s", "iq3_xxs", "q2_k", "iq2_m",
+                          "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s")
+AUTO_QUANT = "auto"
 
 # attn_implementation's values, as transformers names them: the explicit softmax, SDPA choosing its kernel,
 # and SDPA held to its FLASH_ATTENTION kernel (PyTorch's own, not the flash-attn package).
@@ -125,6 +133,10 @@ class SO8TConfig:
     # (its --target-fpr), the export carries them as so8t.<head>_head.threshold.
     so8t_safety_threshold: float = 0.5
     so8t_authority_threshold: float = 0.5
+    # How the checkpoint stores q/k/v/gate/up, not what the model computes: true when they are the folded
+    # (stock Qwen3) weights, as save_pretrained writes a folded model, so that nothing is rotated and rounded
+    # on the way out; loading then unfolds them as it does a plain Qwen3 checkpoint's.
+    so8t_folded_weights: bool = False
 
     model_type: str = field(default=MODEL_TYPE, init=False)
     architectures: list[str] = field(default_factory=lambda: [ARCHITECTURE], init=False)
@@ -279,6 +291,8 @@ class SO8TConfig:
         return getattr(self, f"so8t_{head}_threshold")
 
     def so8t_flags(self) -> dict[str, bool]:
-        """The boolean so8t_* flags, keyed without their prefix (as GGUF metadata names them)."""
+        """The boolean so8t_* flags of the model's maths, keyed without their prefix (as GGUF metadata names
+        them); so8t_folded_weights says how a file stores the weights, so it is none of them."""
         return {f.name.removeprefix("so8t_"): getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name.startswith("so8t_") and isinstance(getattr(self, f.name), bool)}
+                if f.name.startswith("so8t_") and isinstance(getattr(self, f.name), bool)
+                and f.name != "so8t_folded_weights"}

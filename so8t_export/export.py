@@ -34,13 +34,13 @@ import numpy as np
 import torch
 
 from .checkpoint import INDEX_FILE, CheckpointReader
-from .config import MODEL_TYPE, SO8TConfig
+from .config import LLAMA_QUANT_TYPE_NAMES, MODEL_TYPE, SO8TConfig
 from .fold import absorbed_error, fold_error, fold_weight, role
 from .gguf_tokenizer import add_tokenizer
 from .io import atomic_output, check_output_path
-from .loading import TOKENIZER_FILES, check_tensors, is_so8t_extra, rotations_and_heads
+from .loading import TOKENIZER_FILES, check_tensors, holds_folded_weights, is_so8t_extra, rotations_and_heads
 from .metadata import FOLD_ERROR_KEY, FOLD_ERROR_LIMIT, SOURCE_HASH_KEY, add_so8t_metadata, so8t_entries
-from .quants import FILE_TYPES, OUTPUT_TYPES, QuantError, nonfinite_encoded, quantize, quantized_nbytes
+from .quants import FILE_TYPES, OUTPUT_TYPES, BlockFP8, QuantError, nonfinite_encoded, quantize, quantized_nbytes
 from .rotation import RotationPlan, plan_rotations
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3]
@@ -91,11 +91,18 @@ class ExportReport:
     fold_max_abs_error: float
     source_sha256: str
     fallbacks: list[str] = field(default_factory=list)  # tensors written as F16 because rows don't fit blocks
+    # llama.cpp's quantiser types (llama_quantize.py): tensor type -> count in the file, and the imatrix used.
+    tensor_types: dict[str, int] = field(default_factory=dict)
+    imatrix: str | None = None
 
     def summary(self) -> str:
         mib = self.bytes_written / 2**20
-        return (f"wrote {self.output} ({self.quant}, {self.tensors} tensors, {mib:.1f} MiB) in {self.seconds:.1f} s "
+        line = (f"wrote {self.output} ({self.quant}, {self.tensors} tensors, {mib:.1f} MiB) in {self.seconds:.1f} s "
                 f"from a {self.source_kind} checkpoint; fold max abs error {self.fold_max_abs_error:.2e}")
+        if self.tensor_types:
+            mix = ", ".join(f"{count} x {name}" for name, count in self.tensor_types.items())
+            line += f"; llama.cpp's mix: {mix}" + (f"; {self.imatrix}" if self.imatrix else "; no imatrix")
+        return line
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -120,14 +127,17 @@ def output_type(name: str, shape: tuple[int, ...], quant: str) -> gguf.GGMLQuant
     return OUTPUT_TYPES[quant]
 
 
+def qwen3_weights(reader: CheckpointReader, config: SO8TConfig) -> list[str]:
+    """The checkpoint tensors a stock qwen3 graph reads (the GGUF and the HF export both write these): not the
+    heads or rotation buffers, and no LM head when it is tied (llama.cpp and vLLM reuse the embedding)."""
+    tied = ("lm_head.weight", "task_head.weight") if config.tie_word_embeddings else ()
+    return [name for name in reader.names() if not is_so8t_extra(name) and name not in tied]
+
+
 def plan_tensors(reader: CheckpointReader, config: SO8TConfig, quant: str) -> tuple[list[TensorJob], list[str]]:
     """One job per weight the qwen3 graph reads. Heads and rotation buffers are metadata, not tensors."""
     jobs, fallbacks = [], []
-    for name in reader.names():
-        if is_so8t_extra(name):
-            continue
-        if config.tie_word_embeddings and name in ("lm_head.weight", "task_head.weight"):
-            continue  # tied: llama.cpp reuses token_embd when output.weight is absent
+    for name in qwen3_weights(reader, config):
         shape = reader.shape(name)
         qtype = output_type(name, shape, quant)
         try:
@@ -163,25 +173,37 @@ class FoldedTensors:
         # gate/up rotate within rows.
         return row_chunks(job, whole=role(job.source).side == "rows")
 
+    def needs_fold(self, job: TensorJob) -> bool:
+        """Whether a tensor is folded on the way out; every other tensor is written as it is stored."""
+        return self.is_so8t and role(job.source).side != "none"
+
     def encode(self, job: TensorJob, rows: slice | None) -> np.ndarray:
         """Read, dequantise, check, fold and quantise one chunk."""
+        if self.needs_fold(job):
+            return self._check_range(job, quantize(self.folded(job, rows).float(), job.qtype))
+        # A block-FP8 chunk goes straight from its bytes to GGUF.
+        stored = self.stored(job, rows)
+        encoded = stored.encode(job.qtype) if isinstance(stored, BlockFP8) else quantize(stored, job.qtype)
+        return self._check_range(job, encoded)
+
+    def stored(self, job: TensorJob, rows: slice | None) -> BlockFP8 | torch.Tensor:
+        """One chunk of a tensor that is written as stored (needs_fold false), checked: finite, and for a
+        Qwen3 source's q/k/v/gate/up the absorbed check. Block FP8 stays FP8 (its bytes); anything else is
+        float32, which holds bf16/f16/f32 values exactly."""
         side = role(job.source).side
-        if self.is_so8t and side != "none":
-            return self._fold(job, rows)
-        # Everything else is written as it is stored: a block-FP8 chunk goes straight from its bytes to GGUF.
         fp8 = self.reader.read_fp8(job.source, rows)
         if fp8 is not None:
             if fp8.nonfinite():
                 self._nonfinite(job, fp8.dequantize())
             if side != "none":
                 self._check_absorbed(job, rows, fp8.corner(*self._sample(job, fp8.weight.shape)).dequantize())
-            return self._check_range(job, fp8.encode(job.qtype))
+            return fp8
         weight = self.reader.read(job.source, torch.float32, rows)
         self._require_finite(job, weight)
         if side != "none":
             sample_rows, sample_cols = self._sample(job, tuple(weight.shape))
             self._check_absorbed(job, rows, weight[:sample_rows, :sample_cols])
-        return self._check_range(job, quantize(weight, job.qtype))
+        return weight
 
     def _check_range(self, job: TensorJob, encoded: np.ndarray) -> np.ndarray:
         """The source was finite, so an Inf in the output means a value beyond the output type's range (f16
@@ -224,14 +246,16 @@ class FoldedTensors:
         error, scale = absorbed_error(job.source, sample, self.plan, probe)
         self._record(job, error, ABSORB_TOLERANCE * max(1.0, scale))
 
-    def _fold(self, job: TensorJob, rows: slice | None) -> np.ndarray:
+    def folded(self, job: TensorJob, rows: slice | None) -> torch.Tensor:
+        """One chunk of an SO8T tensor folded (needs_fold true), in float64 and checked against the SO8T
+        projection; the caller rounds it once to its output type."""
         weight = self.reader.read(job.source, torch.float64, rows)
         self._require_finite(job, weight)
         folded = fold_weight(job.source, weight, self.plan)
         probe = self._probe(job, rows, weight.shape[-1])
         error = fold_error(job.source, weight, folded, self.plan, probe)
         self._record(job, error, FOLD_TOLERANCE * max(1.0, (probe @ folded.T).abs().max().item()))
-        return self._check_range(job, quantize(folded.float(), job.qtype))
+        return folded
 
     def _record(self, job: TensorJob, error: float, tolerance: float) -> None:
         if error > tolerance:
@@ -273,16 +297,19 @@ def one_kernel_thread() -> None:
         runtime.omp_set_num_threads(1)
 
 
-def encoded_stream(folded: FoldedTensors, jobs: list[TensorJob]) -> Iterator[np.ndarray]:
+def encoded_stream(folded: FoldedTensors, jobs: list, encode: Callable | None = None,
+                   chunks: Callable | None = None) -> Iterator:
     """Encoded chunks of every job, in file order, computed up to LOOKAHEAD chunks ahead by ENCODERS threads
     while the caller writes: torch and numpy release the GIL, so encoding and disk writes overlap. Closing
-    the generator early (an error downstream) cancels the chunks not started and waits for the running ones."""
-    work = [(job, rows) for job in jobs for rows in folded.chunks(job)]
+    the generator early (an error downstream) cancels the chunks not started and waits for the running ones.
+    encode(job, rows) and chunks(job) default to the GGUF export's (folded.encode, folded.chunks)."""
+    encode, chunks = encode or folded.encode, chunks or folded.chunks
+    work = [(job, rows) for job in jobs for rows in chunks(job)]
     pool = ThreadPoolExecutor(ENCODERS, thread_name_prefix="so8t-encode", initializer=one_kernel_thread)
     pending: deque = deque()
     try:
         for job, rows in work:
-            pending.append(pool.submit(folded.encode, job, rows))
+            pending.append(pool.submit(encode, job, rows))
             if len(pending) > LOOKAHEAD:
                 yield pending.popleft().result()
         while pending:
@@ -483,9 +510,44 @@ def input_files(model_dir: Path, reader: CheckpointReader) -> list[Path]:
     return [*reader.files(), *(model_dir / name for name in names if (model_dir / name).exists())]
 
 
+@dataclass
+class Source:
+    """What every export reads first from a checkpoint, all of it checked: the config, whether it is SO8T,
+    the validated rotation buffers, the heads and the float64 rotation plan."""
+
+    config: SO8TConfig
+    is_so8t: bool
+    rotations: torch.Tensor
+    cross_head: torch.Tensor
+    heads: dict[str, torch.Tensor]
+    plan: RotationPlan
+
+    def folded_tensors(self, reader: CheckpointReader) -> FoldedTensors:
+        # Only an SO8T checkpoint's rotated weights need folding; a Qwen3 source holds the folded ones.
+        return FoldedTensors(reader, self.plan, self.is_so8t and not holds_folded_weights(self.config, self.is_so8t))
+
+
+def read_source(reader: CheckpointReader, heads_dtype: torch.dtype = torch.float32) -> Source:
+    """Config, tensor names and shapes, rotations and heads of a checkpoint, checked before anything is
+    written; every problem is one line naming the file, tensor or key."""
+    config_path = str(reader.model_dir / "config.json")
+    is_so8t = reader.raw_config.get("model_type") == MODEL_TYPE
+    config = SO8TConfig.from_dict(reader.raw_config, source=config_path)
+    config.check_token_ids(config_path)
+    check_tensors(reader, config, is_so8t)
+    rotations, cross_head, heads = rotations_and_heads(reader, config, is_so8t, heads_dtype)
+    plan = plan_rotations(config, rotations.double(), cross_head.double())
+    return Source(config, is_so8t, rotations, cross_head, heads, plan)
+
+
 def export_gguf(model_dir: str | Path, output: str | Path | None = None, *, quant: str = "q8_0",
-                name: str | None = None, progress: Callable[[int, int, str], None] | None = None) -> ExportReport:
+                name: str | None = None, progress: Callable[[int, int, str], None] | None = None,
+                imatrix: str | Path | None = None, calibration: str | Path | None = None) -> ExportReport:
     """Export model_dir (an SO8T or plain Qwen3 checkpoint) to a GGUF file and return what was written.
+
+    f32, f16, bf16 and q8_0 are encoded here; llama.cpp's k- and i-quant types (config.LLAMA_QUANT_TYPE_NAMES)
+    go through llama_quantize.export_quantized, with imatrix (a GGUF imatrix file) or calibration (a text
+    to compute one from).
 
     progress(bytes_done, bytes_total, tensor_name) is called as data is written. The file appears whole or
     not at all (an existing output is replaced atomically), and an input is never overwritten.
@@ -493,20 +555,26 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, *, quan
     start = time.perf_counter()
     model_dir = Path(model_dir)
     quant = quant.lower()
+    if quant in LLAMA_QUANT_TYPE_NAMES:  # llama.cpp's quantiser makes these from our float export
+        from .llama_quantize import export_quantized
+
+        return export_quantized(model_dir, output, quant=quant, name=name, imatrix=imatrix,
+                                calibration=calibration, progress=progress)
+    if imatrix is not None or calibration is not None:
+        raise ExportError(f"--quant {quant} is written by so8t-export's own encoder, which takes no imatrix; "
+                          f"--imatrix and --calibration apply to llama.cpp's types ({', '.join(LLAMA_QUANT_TYPE_NAMES)})")
     if quant not in OUTPUT_TYPES:
-        raise ExportError(f"--quant {quant!r} is not supported; expected one of {', '.join(OUTPUT_TYPES)}")
+        raise ExportError(f"--quant {quant!r} is not supported; expected one of "
+                          f"{', '.join([*OUTPUT_TYPES, *LLAMA_QUANT_TYPE_NAMES])}")
     output = Path(output) if output is not None else default_output(model_dir, quant)
 
     with CheckpointReader(model_dir) as reader:
         check_output_path(output, input_files(model_dir, reader))
-        is_so8t = reader.raw_config.get("model_type") == MODEL_TYPE
-        config = SO8TConfig.from_dict(reader.raw_config, source=str(model_dir / "config.json"))
-        config.check_token_ids(str(model_dir / "config.json"))
-        check_tensors(reader, config, is_so8t)
-        rotations, cross_head, heads = rotations_and_heads(reader, config, is_so8t)
-        plan = plan_rotations(config, rotations.double(), cross_head.double())
+        source = read_source(reader)
+        config, is_so8t, rotations, cross_head, heads = (source.config, source.is_so8t, source.rotations,
+                                                         source.cross_head, source.heads)
         jobs, fallbacks = plan_tensors(reader, config, quant)
-        folded = FoldedTensors(reader, plan, is_so8t)
+        folded = source.folded_tensors(reader)
         # The fold error and source hash are known only at the end: placeholders of the final size now,
         # patched in place at the end, as gguf-py's gguf_set_metadata does.
         so8t = so8t_entries(config, rotations, cross_head, heads, 0.0, _HASH_PLACEHOLDER)

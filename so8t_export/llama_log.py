@@ -23,7 +23,7 @@ import sys
 import threading
 from typing import ClassVar
 
-__all__ = ["collect_errors", "install", "is_verbose", "set_verbose", "summary"]
+__all__ = ["collect_errors", "install", "is_verbose", "set_verbose", "summary", "watch"]
 
 GGML_LOG_LEVEL_NONE, GGML_LOG_LEVEL_DEBUG, GGML_LOG_LEVEL_INFO = 0, 1, 2
 GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 3, 4, 5
@@ -33,6 +33,7 @@ class _State:
     verbose = False
     last_level = GGML_LOG_LEVEL_NONE
     collecting: ClassVar[list[list[str]]] = []  # a stack: nested collect_errors() blocks
+    watchers: ClassVar[list] = []  # watch() callbacks: every line, printed or not
     lock = threading.Lock()
     callback = None  # the ctypes callback object; must stay referenced while llama.cpp holds it
 
@@ -44,6 +45,8 @@ def _on_log(level: int, text: bytes, _user_data) -> None:
         else:
             _State.last_level = level
         message = text.decode("utf-8", errors="replace") if text else ""
+        for watcher in list(_State.watchers):
+            watcher(level, message)
         if _State.verbose:
             sys.stderr.write(message)
             sys.stderr.flush()
@@ -90,6 +93,19 @@ def collect_errors():
     finally:
         with _State.lock:
             _State.collecting.remove(lines)
+
+
+@contextlib.contextmanager
+def watch(callback):
+    """Pass every line logged inside the block, of any level and whether printed or not, to
+    callback(level, text): llama_model_quantize reports its progress only as log lines."""
+    with _State.lock:
+        _State.watchers.append(callback)
+    try:
+        yield
+    finally:
+        with _State.lock:
+            _State.watchers.remove(callback)
 
 
 def summary(lines: list[str], limit: int = 300) -> str:

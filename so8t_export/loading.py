@@ -5,12 +5,15 @@ rotation (fold.unfold_weight, in float64, cast once), so the SO8T model computes
 An SO8T checkpoint (model_type "so8t") is loaded as stored: rotations, heads and weights, nothing absorbed.
 Tensors are built on the meta device and assigned one at a time, so loading holds the model plus at most a
 few temporaries the size of the largest tensor, each moved to the target device as it is read. With
-fold=True the model is loaded folded (it then runs as plain Qwen3); save_pretrained writes such a model
-unfolded, so every checkpoint on disk is an ordinary SO8T (or Qwen3) one.
+fold=True the model is loaded folded (it then runs as plain Qwen3); save_pretrained writes such a model as it
+holds it, folded (config so8t_folded_weights), so nothing is rotated and rounded on the way out, and copies
+block-FP8 tensors that are unchanged since loading as their source stored them: a plain Qwen3 checkpoint
+loaded folded and saved keeps every weight byte for byte.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -112,6 +115,12 @@ def _available(name: str, value, device: torch.device) -> torch.device:
 def source_name(name: str, is_so8t: bool) -> str:
     """Checkpoint name of a model parameter: Qwen3 calls the task head lm_head."""
     return name if is_so8t or name != "task_head.weight" else "lm_head.weight"
+
+
+def holds_folded_weights(config: SO8TConfig, is_so8t: bool) -> bool:
+    """Whether a checkpoint stores q/k/v/gate/up folded (stock Qwen3 weights): every plain Qwen3 checkpoint,
+    and an SO8T one saved from a folded model. Loading unfolds those; the exports write them as stored."""
+    return not is_so8t or config.so8t_folded_weights
 
 
 def is_so8t_extra(name: str) -> bool:
@@ -218,7 +227,8 @@ def _load(reader: CheckpointReader, model_dir: str | Path, torch_dtype, config_o
     # on a CUDA target the GPU does it.
     work = device if device.type == "cuda" else torch.device("cpu")
     plan = plan_rotations(config, rotations.double().to(work), cross_head.double().to(work))
-    transform = (fold_weight if is_so8t else None) if fold else (None if is_so8t else unfold_weight)
+    stored_folded = holds_folded_weights(config, is_so8t)
+    transform = (None if stored_folded else fold_weight) if fold else (unfold_weight if stored_folded else None)
 
     for name in model.state_dict():
         src = source_name(name, is_so8t)
@@ -291,16 +301,24 @@ def save_pretrained(model: SO8TTransformerForCausalLM, model_dir: str | Path,
     state = {n: t.detach() for n, t in model.state_dict().items()
              if not (model.config.tie_word_embeddings and n == "task_head.weight")}
     shards = _shard(state, max_shard_bytes)
-    stored = _as_stored(model)
     files = [SINGLE_FILE] if len(shards) == 1 else [
         f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     source = Path(model.name_or_path) if getattr(model, "name_or_path", None) else None
+    # The weights are written in the layout the model holds them in (a folded model folded), never rotated
+    # on the way out: fold(unfold(W)) rounds, so only that keeps a Qwen3 source's weights bit for bit.
+    config = dataclasses.replace(model.config, so8t_folded_weights=model.is_folded)
 
     def write_into(folder: Path) -> None:
-        model.config.save_pretrained(folder)
-        for file, shard in zip(files, shards):
-            with atomic_output(folder / file) as tmp:
-                save_file({name: stored(name, t) for name, t in shard.items()}, tmp, metadata={"format": "pt"})
+        with _StoredFP8(model, source, folder) as fp8:
+            for file, shard in zip(files, shards):
+                with atomic_output(folder / file) as tmp:
+                    tensors = {}
+                    for name, tensor in shard.items():
+                        tensors.update(fp8.as_stored(name, tensor))
+                    save_file(tensors, tmp, metadata={"format": "pt"})
+            raw = {**config.to_dict(), **({"quantization_config": fp8.quantization_config} if fp8.used else {})}
+        with atomic_output(folder / "config.json") as tmp:
+            tmp.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
         if len(shards) > 1:
             weight_map = {name: file for file, shard in zip(files, shards) for name in shard}
             with atomic_output(folder / INDEX_FILE) as tmp:
@@ -332,21 +350,57 @@ def save_pretrained(model: SO8TTransformerForCausalLM, model_dir: str | Path,
     fsync_folder(model_dir.parent)
 
 
-def _as_stored(model: SO8TTransformerForCausalLM):
-    """(name, tensor) -> the tensor as an SO8T checkpoint holds it. A folded model (fold_) is written
-    unfolded (fold.unfold_weight in float64, cast once to its dtype), one shard at a time, so the folder is an
-    ordinary SO8T checkpoint that export and from_pretrained read unchanged."""
-    if not model.is_folded:
-        return lambda name, tensor: tensor.contiguous()
-    plan = model.rotation_plan_float64()
-    work = plan.q_heads.device
+class _StoredFP8:
+    """Block-FP8 tensors of the checkpoint a model was loaded from, written back as that checkpoint stored them
+    (e4m3 bytes and scales) when the model still holds exactly what loading made of them.
 
-    def stored(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if role(name).side == "none":
-            return tensor.contiguous()
-        return unfold_weight(name, tensor.to(work, torch.float64), plan).to(tensor.dtype).contiguous()
+    Loading dequantises FP8 into the model's dtype, and quantising again would not give the same bytes (scales
+    are not recoverable from the values in general), so an FP8 checkpoint saved from its model would otherwise
+    grow to bf16 and lose the FP8 values' precision. A tensor qualifies when the source stores it in the
+    layout it is written in (any tensor but q/k/v/gate/up, and those when the model is folded as the source is)
+    and the source's values, read as loading reads them, equal the model's bit for bit: anything trained or
+    edited since is written as the model holds it."""
 
-    return stored
+    def __init__(self, model: SO8TTransformerForCausalLM, source: Path | None, destination: Path):
+        self.model, self.used, self.quantization_config = model, False, None
+        self.reader = None
+        if source is None or not (source / "config.json").is_file() or _same_file(source, destination):
+            return  # saving into the folder read from: its files are being replaced
+        try:
+            reader = CheckpointReader(source)
+            config = SO8TConfig.from_dict(reader.raw_config, source=str(source / "config.json"))
+        except ValueError:
+            return  # the source has changed or gone since loading: write what the model holds
+        if reader.fp8_block is None:
+            reader.close()
+            return
+        self.reader, self.is_so8t = reader, reader.raw_config.get("model_type") == MODEL_TYPE
+        self.source_folded = holds_folded_weights(config, self.is_so8t)
+        self.quantization_config = reader.raw_config["quantization_config"]
+
+    def __enter__(self) -> _StoredFP8:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+    def as_stored(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{name: tensor} as written: the source's FP8 weight and scale where they qualify, else the tensor."""
+        tensor = tensor.contiguous()
+        if self.reader is None:
+            return {name: tensor}
+        stored = source_name(name, self.is_so8t)
+        same_layout = role(name).side == "none" or self.model.is_folded == self.source_folded
+        if (not same_layout or stored not in self.reader or self.reader.info(stored)["dtype"] != "F8_E4M3"
+                or tuple(self.reader.shape(stored)) != tuple(tensor.shape)):
+            return {name: tensor}
+        if not torch.equal(self.reader.read(stored, tensor.dtype), tensor.cpu()):
+            return {name: tensor}
+        self.used = True
+        scale = stored.removesuffix(".weight") + SCALE_SUFFIX
+        return {name: self.reader.read_raw(stored), name.removesuffix(".weight") + SCALE_SUFFIX:
+                self.reader.read_raw(scale)}
 
 
 def _same_file(a: Path, b: Path) -> bool:
