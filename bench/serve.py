@@ -12,12 +12,17 @@ Three paths on the same GGUF, the same prompt tokens and greedy decoding, measur
   every generated token scored (thresholds at 1.0, so nothing is refused or stopped on random weights).
 - server: ``so8t serve`` in a subprocess on 127.0.0.1 with the same policy, /v1/chat/completions streamed over
   HTTP (httpx); time to first token is from sending the request to the first delta.
+- llama-server: llama.cpp's own server, stock, built by cpp_patches/build.sh from the same llama.cpp, the same
+  request (with ``cache_prompt: false``, so each run prefills), ``-np 1`` and otherwise its defaults.
+- llama-server+so8t: the same server with cpp_patches/'s series and ``--so8t-score-tokens``, so that it scores
+  the prompt and every generated token as the gated paths do.
 
 Decode tokens/s of a path is (N - 1) / (time of its last token - time of its first), so that the prefill is
 not in it. The gate's share of a token is measured inside the engine's runs: the time spent reading the
 hidden state (``llama_get_embeddings_ith``) and applying the two heads (numpy matvecs), per scored token,
 against the anchor's time per decoded token. Targets: server decode >= 0.95 of the anchor's, gate <= 1% of a
-token, server time to first token <= 1.05 of the anchor's.
+token, server time to first token <= 1.05 of the anchor's; the patched llama-server's decode >= 0.99 of the
+stock one's, and ours >= 0.9 of stock llama-server's (issue 15).
 
 The checkpoint is bench/make_checkpoint.py's random-weight Qwen3-4B-Thinking-2507-FP8 layout; the GGUF is
 exported from it (q8_0) when missing. On 2 cores a run takes ~5 minutes (the 4B q8_0 prefills at ~20 tokens/s
@@ -188,9 +193,10 @@ def _own_cpu() -> float:
     return time.process_time()
 
 
-def run_http(client, url: str, messages: list[dict], n_decode: int) -> dict:
+def run_http(client, url: str, messages: list[dict], n_decode: int, **extra) -> dict:
     body = {"model": "so8t", "messages": messages, "max_tokens": n_decode, "temperature": 0.0, "top_k": 1,
-            "top_p": 1.0, "min_p": 0.0, "seed": 0, "stream": True, "stream_options": {"include_usage": True}}
+            "top_p": 1.0, "min_p": 0.0, "seed": 0, "stream": True, "stream_options": {"include_usage": True},
+            **extra}
     times, text, usage, so8t, timings = [], [], None, None, None
     cpu = _own_cpu()
     start = time.perf_counter()
@@ -220,6 +226,52 @@ def run_http(client, url: str, messages: list[dict], n_decode: int) -> dict:
             "deltas": len(times), "text": "".join(text), "prompt_tokens": usage and usage.get("prompt_tokens"),
             "decision": (so8t or {}).get("decision"),
             "server_tps": (timings or {}).get("predicted_per_second"), "client_cpu_s": _own_cpu() - cpu}
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate a server we started (by its pid), killing it if it has not gone after 30 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class LlamaServer:
+    """llama.cpp's llama-server (stock or patched) in a subprocess on 127.0.0.1; ready when /health says so."""
+
+    def __init__(self, binary: Path, gguf_path: Path, *, n_ctx: int, n_threads: int, extra: list[str]):
+        import socket
+
+        with socket.socket() as probe:  # a free port; the server binds it a moment later
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        argv = [str(binary), "-m", str(gguf_path), "--host", "127.0.0.1", "--port", str(port), "-c", str(n_ctx),
+                "-t", str(n_threads), "-tb", str(n_threads), "-np", "1", "--no-webui", *extra]
+        self.log = open(os.devnull, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(line.rstrip() for line in self.proc.stderr),
+                         daemon=True).start()
+
+    def wait(self, client, timeout: float = 300) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if client.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return self.url
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"{self.proc.args[0]} did not become ready:\n" + "\n".join(self.lines[-20:]))
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.log.close()
 
 
 class Server:
@@ -255,13 +307,7 @@ class Server:
         return self.url
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # the process we started, by its pid
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -287,11 +333,12 @@ def table(runs: dict[str, list[dict]], micro_us: float, meta: dict) -> tuple[lis
     token_ms = 1e3 / stats["anchor"]["decode_tps"]
     gate_share = (hidden_us + heads_us) / 1e3 / token_ms
     labels = {"anchor": "llama-cpp-python (anchor)", "engine": "engine + gate, in process",
-              "server": "so8t serve, HTTP streaming"}
+              "server": "so8t serve, HTTP streaming", "llama-server": "llama-server, stock",
+              "llama-server+so8t": "llama-server + so8t patch"}
     lines = [(f"serve bench: {meta['gguf']} ({meta['size_gb']:.2f} GB q8_0), {meta['prompt_tokens']}-token chat "
               f"prompt, {meta['decode']} greedy tokens, n_threads={meta['threads']}, n_ctx={meta['n_ctx']}, "
               f"{meta['repeats']} interleaved runs per path"),
-             f"  all three on {Path(meta['run_on']).name} (the same tensors and keys, padding ids printable)",
+             f"  all on {Path(meta['run_on']).name} (the same tensors and keys, padding ids printable)",
              (f"{'path':<28}{'TTFT s':>8}{'best':>7}{'decode tok/s':>14}{'best':>7}   "
               "runs: TTFT s / decode tok/s / other processes' cores")]
     for path, rs in runs.items():
@@ -329,18 +376,39 @@ def table(runs: dict[str, list[dict]], micro_us: float, meta: dict) -> tuple[lis
         (f"  engine prefill alone (GatedRun.start: tokenise, decode, score the prompt): median "
          f"{statistics.median(r['prefill_s'] for r in engine_runs):.2f} s"),
     ]
-    server_runs = [r for r in runs["server"] if r.get("server_tps")]
-    if server_runs:
-        own = statistics.median(r["server_tps"] for r in server_runs)
-        client_ms = 1e3 * statistics.median(r["client_cpu_s"] / r["tokens"] for r in server_runs)
-        ratios["server_own_decode"] = own / stats["anchor"]["decode_tps"]
-        lines.append(f"  server's own timings (tokens / generation time): median {own:.3f} tok/s = "
-                     f"{ratios['server_own_decode']:.3f} of the anchor; the HTTP client here used "
-                     f"{client_ms:.2f} ms CPU per token on the same cores")
+    if "llama-server" in stats:
+        stock, patched = stats["llama-server"], stats["llama-server+so8t"]
+        ratios.update({
+            "patch_decode": patched["decode_tps"] / stock["decode_tps"],
+            "patch_ttft": patched["ttft"] / stock["ttft"],
+            "server_vs_llama_server_decode": stats["server"]["decode_tps"] / stock["decode_tps"],
+            "server_vs_llama_server_ttft": stats["server"]["ttft"] / stock["ttft"],
+            "best_patch_decode": patched["best_tps"] / stock["best_tps"],
+            "best_server_vs_llama_server_decode": stats["server"]["best_tps"] / stock["best_tps"],
+        })
+        lines += [
+            "against stock llama-server, medians (best runs in brackets); targets",
+            (f"  patched llama-server decode {ratios['patch_decode']:.3f} [{ratios['best_patch_decode']:.3f}] "
+             f"(>= 0.99: {verdict(ratios['patch_decode'] >= 0.99)}), TTFT {ratios['patch_ttft']:.3f}"),
+            (f"  so8t serve decode {ratios['server_vs_llama_server_decode']:.3f} "
+             f"[{ratios['best_server_vs_llama_server_decode']:.3f}] (>= 0.9: "
+             f"{verdict(ratios['server_vs_llama_server_decode'] >= 0.9)}), TTFT "
+             f"{ratios['server_vs_llama_server_ttft']:.3f}"),
+        ]
+    for path in ("server", "llama-server", "llama-server+so8t"):
+        server_runs = [r for r in runs.get(path, []) if r.get("server_tps")]
+        if server_runs:
+            own = statistics.median(r["server_tps"] for r in server_runs)
+            client_ms = 1e3 * statistics.median(r["client_cpu_s"] / r["tokens"] for r in server_runs)
+            ratios[f"{path}_own_decode"] = own / stats["anchor"]["decode_tps"]
+            lines.append(f"  {labels[path]}: its own timings (tokens / generation time) median {own:.3f} tok/s = "
+                         f"{ratios[f'{path}_own_decode']:.3f} of the anchor; the HTTP client here used "
+                         f"{client_ms:.2f} ms CPU per token on the same cores")
     last = {path: rs[-1] for path, rs in runs.items()}
-    lines.append(f"outputs: engine == server {_same(last['engine']['text'], last['server']['text'])}, "
-                 f"engine == anchor {_same(last['engine']['text'], last['anchor']['text'])}; gate decisions "
-                 f"{sorted({r['decision'] for p in ('engine', 'server') for r in runs[p]})}; tokens "
+    same = ", ".join(f"engine == {path} {_same(last['engine']['text'], last[path]['text'])}"
+                     for path in last if path != "engine")
+    lines.append(f"outputs: {same}; gate decisions "
+                 f"{sorted({r['decision'] or '-' for p in runs if p != 'anchor' for r in runs[p]})}; tokens "
                  f"{sorted({r['tokens'] for rs in runs.values() for r in rs})}, deltas timed "
                  f"{sorted({r['deltas'] for rs in runs.values() for r in rs})}")
     return lines, ratios
@@ -396,6 +464,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--report", type=Path, default=None, help="JSON report [default: bench/.cache/serve-*.json]")
+    ap.add_argument("--no-llama-server", action="store_true",
+                    help="leave out stock and patched llama-server (they are built by cpp_patches/build.sh)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))
     began = time.perf_counter()
@@ -413,7 +483,15 @@ def main(argv=None) -> None:
     log(note)
     n_ctx = 1 << (args.prompt_tokens + args.decode_tokens + 64).bit_length()
     server = Server(args.gguf, n_ctx=n_ctx, n_threads=args.threads)  # loads while we load ours
+    llama_servers: dict[str, LlamaServer] = {}
     try:
+        if not args.no_llama_server:
+            from tests.upstream import llama_tool
+
+            for name, patched, extra in (("llama-server", False, []),
+                                         ("llama-server+so8t", True, ["--so8t-score-tokens"])):
+                llama_servers[name] = LlamaServer(llama_tool("llama-server", patched=patched), args.gguf,
+                                                  n_ctx=n_ctx, n_threads=args.threads, extra=extra)
         llama_log.set_verbose(False)
         engine = Engine(args.gguf, n_ctx=n_ctx, n_threads=args.threads)
         llama_log.install()
@@ -432,14 +510,16 @@ def main(argv=None) -> None:
             "engine": lambda msgs, toks, n: run_engine(engine, policy, msgs, n, timer),
             "server": lambda msgs, toks, n: run_http(client, url, msgs, n),
         }
+        for name, at in {name: s.wait(client) for name, s in llama_servers.items()}.items():
+            paths[name] = lambda msgs, toks, n, at=at: run_http(client, at, msgs, n, cache_prompt=False)
         warm_messages, warm_tokens = build_messages(engine, 48)
         for name, fn in paths.items():  # page in the weights of each context, start the server's worker
             fn(warm_messages, warm_tokens, 4)
         runs: dict[str, list[dict]] = {name: [] for name in paths}
         order = list(paths)
-        meter = CpuMeter([os.getpid(), server.proc.pid])
+        meter = CpuMeter([os.getpid(), server.proc.pid, *(s.proc.pid for s in llama_servers.values())])
         for repeat in range(args.repeats):
-            for name in order[repeat % 3:] + order[:repeat % 3]:
+            for name in order[repeat % len(order):] + order[:repeat % len(order)]:
                 r = meter.measure(lambda name=name: paths[name](messages, tokens, args.decode_tokens))
                 runs[name].append(r)
                 log(f"  run {repeat + 1} {name:<7} TTFT {r['ttft']:6.2f} s  decode {r['decode_tps']:.3f} tok/s  "
@@ -451,6 +531,8 @@ def main(argv=None) -> None:
         load = os.getloadavg()[0]
     finally:
         server.stop()
+        for llama_server in llama_servers.values():
+            llama_server.stop()
     meta = {"gguf": str(export), "run_on": str(args.gguf), "size_gb": args.gguf.stat().st_size / 1e9, "prompt_tokens": len(tokens),
             "decode": args.decode_tokens, "threads": args.threads, "n_ctx": n_ctx, "repeats": args.repeats}
     lines, ratios = table(runs, micro_us, meta)
@@ -464,6 +546,7 @@ def main(argv=None) -> None:
                                    "python": platform.python_version()},
         "meta": meta, "ratios": ratios, "micro_gate_us": micro_us, "table": lines,
         "runs": {p: [{k: v for k, v in r.items() if k != "text"} for r in rs] for p, rs in runs.items()},
+        "last_text": {p: rs[-1]["text"] for p, rs in runs.items()},
     }, indent=2) + "\n")
     log(f"report: {report}")
 
