@@ -985,6 +985,12 @@ def test_run_server_in_a_process(models):
         response = httpx.post(url + "/v1/chat/completions", json=chat_body(UNSAFE, max_tokens=2),
                               headers={"X-Api-Key": "k"})
         assert response.json()["choices"][0]["finish_reason"] == "content_filter"
+        # torch brings its own OpenMP runtime beside the one llama.cpp links; in the server its threads cost
+        # ~11 % of decode speed on 2 cores, so the serving path must never load torch, not even to check the
+        # rotations
+        loaded = Path(f"/proc/{process.pid}/maps").read_text()
+        torch_files = {line.split()[-1] for line in loaded.splitlines() if "/torch/" in line}
+        assert not torch_files, sorted(torch_files)
         process.send_signal(signal.SIGTERM)  # uvicorn shuts down gracefully, then re-raises the signal
         assert process.wait(15) == -signal.SIGTERM, "".join(lines)
         reader.join(5)

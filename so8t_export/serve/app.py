@@ -784,13 +784,18 @@ class BackgroundServer:
 
 def check_servable(gguf_path: str | Path, policy: GatePolicy) -> None:
     """What can be known without llama.cpp, checked before the port opens: the file is a GGUF whose qwen3.*
-    and so8t.* metadata read back, and it has heads when the gate is on."""
+    and so8t.* metadata read back, and it has heads when the gate is on.
+
+    The triality check is left to inspect and parity, as in the runtime: it needs torch, and importing torch
+    here loads its own OpenMP runtime into the server beside llama.cpp's, which took ~11 % of decode speed
+    on 2 cores (bench/README.md, serving run 4)."""
     from ..gguf_file import read_gguf_header, read_qwen3_hparams
     from ..metadata import read_optional_so8t_metadata
 
     path = Path(gguf_path)
     header = read_gguf_header(path)
-    metadata = read_optional_so8t_metadata(header, path, read_qwen3_hparams(header, path))
+    metadata = read_optional_so8t_metadata(header, path, read_qwen3_hparams(header, path),
+                                           check_rotations=False)
     if policy.enabled and metadata is None:
         raise LlamaError(f"{path}: no so8t.* metadata, so no safety/authority heads to gate with; serve it "
                          "with the gate off (--no-gate) or export it with so8t-export")
